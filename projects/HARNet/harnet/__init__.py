@@ -1,0 +1,12 @@
+"""HARNet: HAR-Net (hybrid attention for single-stage detection) for Detectron2.
+
+Importing ``harnet`` registers the META_ARCH ``HARRetinaNet`` (and its backbone) in
+Detectron2's registries and the built-in datasets in ``DatasetCatalog``.
+"""
+from .config import add_harnet_config  # noqa: F401
+
+# Each import below registers something with Detectron2; keep them at package import.
+from . import modeling  # noqa: F401,E402
+from . import layers  # noqa: F401,E402
+
+__version__ = "0.1.0"

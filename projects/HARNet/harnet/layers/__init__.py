@@ -1,0 +1,1 @@
+"""Post-processing ops: soft-NMS, box voting (pure tensor functions, CPU and GPU)."""

@@ -1,0 +1,1 @@
+"""HAR-Net modules and the ``HARRetinaNet`` meta-architecture."""

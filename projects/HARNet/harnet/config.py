@@ -16,6 +16,7 @@ def add_harnet_config(cfg):
     _add_postprocess_config(cfg)
     _add_tta_config(cfg)
     _add_data_config(cfg)
+    _add_train_config(cfg)
     return cfg
 
 
@@ -33,3 +34,7 @@ def _add_tta_config(cfg):
 
 def _add_data_config(cfg):
     """Built-in dataset settings."""
+
+
+def _add_train_config(cfg):
+    """Training: the two-step schedule."""

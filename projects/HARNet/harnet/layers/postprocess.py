@@ -24,3 +24,16 @@ def suppress_detections(
         raise NotImplementedError(f"nms_type={nms_type!r}, voting={voting} not implemented yet")
     keep = batched_nms(boxes, scores, classes, iou_threshold)[:max_detections]
     return boxes[keep], scores[keep], classes[keep]
+
+
+def postprocess_params_from_cfg(cfg):
+    """Keyword arguments of :func:`suppress_detections` from a Detectron2 config.
+
+    CONTRACT: HARRetinaNet.from_config stores this dict and passes it to
+    suppress_detections; the inference issue extends it with its config keys.
+    """
+    return dict(
+        nms_type="hard",
+        iou_threshold=cfg.MODEL.RETINANET.NMS_THRESH_TEST,
+        max_detections=cfg.TEST.DETECTIONS_PER_IMAGE,
+    )

@@ -1,0 +1,105 @@
+"""Aligned attention: a deformable-conv residual bottleneck that refines a backbone output."""
+import fvcore.nn.weight_init as weight_init
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torchvision.ops import DeformConv2d
+
+__all__ = ["AlignedAttention"]
+
+
+class AlignedAttention(nn.Module):
+    """
+    Aligned attention block of HAR-Net, put on backbone outputs (C4, C5) before the FPN:
+    ``y = x + relu(gn(conv1x1(relu(gn(deform3x3(a, offsets(a)))))))``, ``a = relu(gn(conv1x1(x)))``,
+    where ``deform3x3`` is a DCNv1 conv (``torchvision.ops.deform_conv2d``, no modulation mask)
+    and ``offsets`` a plain 3x3 conv, zero-initialised so the block starts on a regular grid.
+
+    The offset conv (``conv2_offset``) carries ``lr_factor = offset_lr_factor``: an optimizer
+    built by ``harnet.solver.build_optimizer`` scales its learning rate by it. The last GN's
+    weight starts at ``last_norm_init`` so the block starts near the identity.
+
+    Args:
+        in_channels (int): channels of ``x`` (and of the output), e.g. 1024 for C4, 2048 for C5.
+        mid_channels (int): bottleneck channels (256 in the reference; 512 in one C5 variant).
+        deform_groups (int): offset groups of the deformable conv; must divide mid_channels.
+        norm_groups (int): GroupNorm groups after each conv; must divide mid_channels and
+            in_channels.
+        last_norm_init (float): initial weight of the last GroupNorm.
+        offset_lr_factor (float): ``lr_factor`` of the offset conv.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        mid_channels: int = 256,
+        deform_groups: int = 4,
+        norm_groups: int = 32,
+        last_norm_init: float = 0.1,
+        offset_lr_factor: float = 0.1,
+    ) -> None:
+        super().__init__()
+        for name, value in (
+            ("in_channels", in_channels),
+            ("mid_channels", mid_channels),
+            ("deform_groups", deform_groups),
+            ("norm_groups", norm_groups),
+        ):
+            if value <= 0:
+                raise ValueError(f"AlignedAttention: {name} must be positive, got {value}")
+        if mid_channels % deform_groups != 0:
+            raise ValueError(
+                f"AlignedAttention: deform_groups ({deform_groups}) must divide mid_channels "
+                f"({mid_channels})"
+            )
+        for name, value in (("mid_channels", mid_channels), ("in_channels", in_channels)):
+            if value % norm_groups != 0:
+                raise ValueError(
+                    f"AlignedAttention: norm_groups ({norm_groups}) must divide {name} ({value})"
+                )
+        self.in_channels = in_channels
+        self.mid_channels = mid_channels
+        self.deform_groups = deform_groups
+        self.norm_groups = norm_groups
+
+        # Convs are bias-free: each is followed by a GroupNorm with its own shift.
+        self.conv1 = nn.Conv2d(in_channels, mid_channels, 1, bias=False)
+        self.norm1 = nn.GroupNorm(norm_groups, mid_channels)
+        self.conv2_offset = nn.Conv2d(mid_channels, 2 * deform_groups * 3 * 3, 3, padding=1)
+        self.conv2_offset.lr_factor = float(offset_lr_factor)
+        # torchvision infers the offset groups from the offset tensor's channels.
+        self.conv2 = DeformConv2d(mid_channels, mid_channels, 3, padding=1, bias=False)
+        self.norm2 = nn.GroupNorm(norm_groups, mid_channels)
+        self.conv3 = nn.Conv2d(mid_channels, in_channels, 1, bias=False)
+        self.norm3 = nn.GroupNorm(norm_groups, in_channels)
+
+        # MSRA fill as Detectron2's ResNet blocks (incl. its DeformBottleneckBlock) do.
+        for conv in (self.conv1, self.conv2, self.conv3):
+            weight_init.c2_msra_fill(conv)
+        nn.init.zeros_(self.conv2_offset.weight)
+        nn.init.zeros_(self.conv2_offset.bias)
+        nn.init.constant_(self.norm3.weight, last_norm_init)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """
+        Args:
+            x (Tensor[N, in_channels, H, W]): a backbone output.
+
+        Returns:
+            Tensor[N, in_channels, H, W]: the refined feature map.
+        """
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"AlignedAttention: x must have shape (N, {self.in_channels}, H, W), "
+                f"got {tuple(x.shape)}"
+            )
+        a = F.relu(self.norm1(self.conv1(x)))
+        out = F.relu(self.norm2(self.conv2(a, self.conv2_offset(a))))
+        out = F.relu(self.norm3(self.conv3(out)))
+        return x + out
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_channels={self.in_channels}, mid_channels={self.mid_channels}, "
+            f"deform_groups={self.deform_groups}, norm_groups={self.norm_groups}, "
+            f"offset_lr_factor={self.conv2_offset.lr_factor}"
+        )

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Set up the environment (idempotent) and run HARNet's test suite.
+#   tools/run_tests.sh [pytest args...]
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+bash "$ROOT/tools/setup_env.sh"
+VENV="${HARNET_VENV:-$ROOT/.venv}"
+cd "$ROOT"
+# pytest exits 5 when it collected no test; that is a failure here too (set -e).
+exec "$VENV/bin/python" -m pytest "$@"

@@ -18,11 +18,15 @@ want=$(cat "$ROOT/requirements/base.txt" "$ROOT/setup.cfg" "$ROOT/pyproject.toml
   "$ROOT/projects/HARNet/harnet/d2_compat/install.py" \
   "$ROOT/projects/HARNet/harnet/d2_compat/_C_fallback.py" | sha256sum | cut -d' ' -f1)
 
-check() {
-  "$PY" -c "import torch, torchvision, detectron2, harnet, pycocotools, cv2, pytest" 2>/dev/null
+MODULES="torch torchvision detectron2 detectron2._C harnet pycocotools cv2 pytest hypothesis"
+check() {  # really import everything (after an install)
+  "$PY" -c "import importlib; [importlib.import_module(m) for m in '$MODULES'.split()]"
+}
+quick_check() {  # locate everything without importing (the idempotent fast path)
+  "$PY" -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in '$MODULES'.split()))" 2>/dev/null
 }
 
-if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want" ]] && check; then
+if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want" ]] && quick_check; then
   echo "[setup] environment $VENV is up to date ($(( $(date +%s) - start ))s)"
   exit 0
 fi

@@ -21,7 +21,79 @@ def add_harnet_config(cfg):
 
 
 def _add_model_config(cfg):
-    """Model: aligned, CLGN, spatial and channel attention switches and their settings."""
+    """Model: aligned, CLGN, spatial and channel attention switches and their settings.
+
+    Used with ``MODEL.META_ARCHITECTURE = "HARRetinaNet"`` and
+    ``MODEL.BACKBONE.NAME = "build_harnet_resnet_fpn_backbone"``; every other model key
+    (anchors, focal loss, towers' NUM_CONVS, test thresholds) is Detectron2's own
+    ``MODEL.RETINANET.*``. With the four ENABLED switches False the model is exactly
+    Detectron2's RetinaNet. Values are checked when the model is built
+    (``harnet.modeling.config_checks``), with errors naming the key.
+    """
+    # --- Aligned attention (reference 3.1): deformable bottleneck on backbone outputs ---
+    cfg.MODEL.HARNET.ALIGN = CN()
+    # Refine the configured ResNet outputs before the FPN (P6 then comes from refined C5).
+    cfg.MODEL.HARNET.ALIGN.ENABLED = True
+    # Backbone outputs to refine; each must be in MODEL.RESNETS.OUT_FEATURES.
+    cfg.MODEL.HARNET.ALIGN.IN_FEATURES = ["res4", "res5"]
+    # Bottleneck width per entry of IN_FEATURES, or a single value for all of them
+    # (reference: 256; one variant uses 512 for C5).
+    cfg.MODEL.HARNET.ALIGN.MID_CHANNELS = [256]
+    # Offset groups of the DCNv1 3x3 conv (reference: 4, i.e. 2*4*9 = 72 offset channels).
+    cfg.MODEL.HARNET.ALIGN.DEFORM_GROUPS = 4
+    # GroupNorm groups after each of the block's three convs.
+    cfg.MODEL.HARNET.ALIGN.NORM_GROUPS = 32
+    # Initial weight of the last GroupNorm: the block starts close to the identity.
+    cfg.MODEL.HARNET.ALIGN.LAST_NORM_INIT = 0.1
+    # Learning-rate factor of the offset conv (reference: lr_mult 0.1); applied by
+    # harnet.solver.build_optimizer through the module's ``lr_factor`` attribute.
+    cfg.MODEL.HARNET.ALIGN.OFFSET_LR_FACTOR = 0.1
+
+    # --- Cross-level group norm in the head towers (reference 3.2) ---
+    cfg.MODEL.HARNET.CLGN = CN()
+    # Tower convs followed by CLGN (statistics over all pyramid levels together). Off: the
+    # towers are Detectron2's RetinaNetHead towers (MODEL.RETINANET.NORM applies).
+    cfg.MODEL.HARNET.CLGN.ENABLED = True
+    # Channel groups; must divide the FPN channels (MODEL.FPN.OUT_CHANNELS).
+    cfg.MODEL.HARNET.CLGN.NUM_GROUPS = 32
+    # Initial affine weight of the last tower conv's CLGN (the others start at 1).
+    cfg.MODEL.HARNET.CLGN.LAST_NORM_INIT = 0.1
+
+    # --- Spatial attention (reference 3.3): one mask per pyramid level ---
+    cfg.MODEL.HARNET.SPATIAL = CN()
+    # A dilated-conv branch on each FPN level predicts a sigmoid mask that multiplies the
+    # last tower conv's output of both towers at that level.
+    cfg.MODEL.HARNET.SPATIAL.ENABLED = True
+    # Channels of the branch's dilated convs.
+    cfg.MODEL.HARNET.SPATIAL.CHANNELS = 16
+    # Dilation rates of the branch's convs, one list per head level (P3..P7), or a single
+    # list used for every level. Reference: 1-2-5-2 on P3-P5, 1-2-3-2 on P6-P7.
+    cfg.MODEL.HARNET.SPATIAL.DILATIONS = [[1, 2, 5, 2]] * 3 + [[1, 2, 3, 2]] * 2
+    # GroupNorm (no affine) groups after each dilated conv; 0 = no norm (older variant).
+    cfg.MODEL.HARNET.SPATIAL.NORM_GROUPS = 4
+    # How the mask m re-weights the tower output x: "mul" = x * m (reference R-50),
+    # "residual" = x * (1 + m) (one reference R-101 model).
+    cfg.MODEL.HARNET.SPATIAL.MODE = "mul"
+    # One branch shared by all levels (the paper's weight-sharing study) instead of one
+    # per level; needs the same dilations for every level.
+    cfg.MODEL.HARNET.SPATIAL.SHARED = False
+
+    # --- Channel attention (reference 3.4, 3.5): cross-level SE + a second predictor ---
+    cfg.MODEL.HARNET.CHANNEL = CN()
+    # A cross-level squeeze-and-excitation block per tower on the (spatially attended)
+    # tower outputs: one channel-weight vector for all levels.
+    cfg.MODEL.HARNET.CHANNEL.ENABLED = True
+    # Width of the SE bottleneck FC.
+    cfg.MODEL.HARNET.CHANNEL.HIDDEN = 32
+    # 3x3 conv + ReLU (shared across levels) before the squeeze; False applies SE
+    # directly to the last tower conv's output (the reference's channel-only variant).
+    cfg.MODEL.HARNET.CHANNEL.EXTRA_CONV = True
+    # Two predictor pairs: A on the spatially attended features, B on the channel-attended
+    # ones; trained with LOSS_WEIGHTS, logits and deltas averaged at inference.
+    # False: a single predictor on the channel-attended features.
+    cfg.MODEL.HARNET.CHANNEL.DUAL_PREDICTOR = True
+    # Loss weights of predictors A and B (used with DUAL_PREDICTOR).
+    cfg.MODEL.HARNET.CHANNEL.LOSS_WEIGHTS = [0.5, 0.5]
 
 
 def _add_postprocess_config(cfg):
@@ -37,4 +109,25 @@ def _add_data_config(cfg):
 
 
 def _add_train_config(cfg):
-    """Training: the two-step schedule."""
+    """Training: the two-step schedule.
+
+    Step 1 trains the main network with some attention switches off, step 2 switches them
+    back on and continues from step 1's final weights (reference, section 4). Step 2 uses
+    the config's own switches and the usual SOLVER schedule (MAX_ITER, STEPS, BASE_LR,
+    WARMUP_*); outputs go to OUTPUT_DIR/step1 and OUTPUT_DIR/step2.
+    """
+    ts = cfg.SOLVER.TWO_STEP = CN()
+    # Run the two-step schedule (``train_net.py --two-step`` sets it).
+    ts.ENABLED = False
+    # Names X of the switches cfg.MODEL.HARNET.X.ENABLED turned off in step 1: the spatial
+    # and channel attention modules are the ones "added" in step 2. CLGN (the towers' norm)
+    # and the aligned attention (backbone) belong to the main network and stay as set.
+    ts.STEP1_DISABLE = ("SPATIAL", "CHANNEL")
+    # Step 1's number of iterations.
+    ts.STEP1_MAX_ITER = 90000
+    # Step 1's lr decay iterations (SOLVER.GAMMA each).
+    ts.STEP1_STEPS = (60000,)
+    # Step 1's base lr; 0 means SOLVER.BASE_LR.
+    ts.STEP1_BASE_LR = 0.0
+    # Evaluate on DATASETS.TEST at the end of step 1 too (step 2 always evaluates).
+    ts.STEP1_EVAL = False

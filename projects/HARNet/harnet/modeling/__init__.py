@@ -3,3 +3,8 @@ from .aligned_attention import AlignedAttention  # noqa: F401
 from .channel_attention import CrossLevelSE  # noqa: F401
 from .clgn import CrossLevelGroupNorm  # noqa: F401
 from .spatial_attention import SpatialAttention  # noqa: F401
+# HARRetinaNet (registered as META_ARCH "HARRetinaNet") and its backbone (registered as
+# BACKBONE "build_harnet_resnet_fpn_backbone") and head.
+from .backbone import AlignedResNet, build_harnet_resnet_fpn_backbone  # noqa: F401,E402
+from .head import HARRetinaNetHead  # noqa: F401,E402
+from .meta_arch import HARRetinaNet  # noqa: F401,E402

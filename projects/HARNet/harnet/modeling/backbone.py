@@ -1,0 +1,146 @@
+"""ResNet-FPN backbone of HAR-Net: Detectron2's RetinaNet backbone with aligned attention
+on chosen bottom-up outputs (C4, C5) before the FPN."""
+from typing import List, Sequence
+
+from torch import nn
+
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import BACKBONE_REGISTRY
+from detectron2.modeling.backbone import ResNet
+from detectron2.modeling.backbone.fpn import build_retinanet_resnet_fpn_backbone
+
+from .aligned_attention import AlignedAttention
+
+__all__ = ["AlignedResNet", "build_harnet_resnet_fpn_backbone"]
+
+
+class AlignedResNet(ResNet):
+    """
+    A Detectron2 :class:`ResNet` whose outputs ``in_features`` are refined by the given
+    modules before they leave the backbone: ``outputs[f] = refiner_f(outputs[f])``.
+
+    The refinement is a side branch, as in the reference's released network: a refined
+    C4 feeds the FPN, while res5 is still computed from the unrefined C4. The ResNet's
+    stem and stages are adopted as they are (weights, frozen state), so parameter names
+    are unchanged (``stem.*``, ``res2.*``, ...) and ResNet / RetinaNet checkpoints load;
+    the refiners live under ``aligned_attention.<feature>.*``.
+
+    Args:
+        resnet (ResNet): a built Detectron2 ResNet without classifier (``num_classes=None``).
+        in_features (list[str]): outputs of ``resnet`` to refine, e.g. ``["res4", "res5"]``.
+        refiners (list[nn.Module]): one module per entry of ``in_features``, each mapping a
+            (N, C, H, W) tensor to a tensor of the same shape (e.g. :class:`AlignedAttention`).
+    """
+
+    def __init__(self, resnet: ResNet, in_features: Sequence[str], refiners: Sequence[nn.Module]):
+        if not isinstance(resnet, ResNet):
+            raise TypeError(f"AlignedResNet: resnet must be a detectron2 ResNet, got {type(resnet)}")
+        if resnet.num_classes is not None:
+            raise ValueError("AlignedResNet: resnet must have no classifier (num_classes=None)")
+        in_features = list(in_features)
+        refiners = list(refiners)
+        if len(in_features) != len(refiners):
+            raise ValueError(
+                f"AlignedResNet: got {len(in_features)} in_features {in_features} but "
+                f"{len(refiners)} refiners"
+            )
+        unknown = [f for f in in_features if f not in resnet._out_features]
+        if unknown:
+            raise ValueError(
+                f"AlignedResNet: in_features {unknown} are not outputs of the ResNet "
+                f"(its out_features: {list(resnet._out_features)})"
+            )
+        if len(set(in_features)) != len(in_features):
+            raise ValueError(f"AlignedResNet: in_features has duplicates: {in_features}")
+        stages = [list(getattr(resnet, name)) for name in resnet.stage_names]
+        # freeze_at=0: the adopted blocks keep the frozen state `resnet` gave them.
+        super().__init__(resnet.stem, stages, out_features=list(resnet._out_features))
+        self.aligned_attention = nn.ModuleDict(dict(zip(in_features, refiners)))
+
+    def forward(self, x):
+        """
+        Args:
+            x (Tensor[N, C, H, W]): the input images.
+
+        Returns:
+            dict[str -> Tensor]: the ResNet's outputs, with ``in_features`` refined.
+        """
+        outputs = super().forward(x)
+        for name, refiner in self.aligned_attention.items():
+            outputs[name] = refiner(outputs[name])
+        return outputs
+
+
+def aligned_attention_from_config(cfg, bottom_up_shapes) -> List[nn.Module]:
+    """The :class:`AlignedAttention` blocks of ``cfg.MODEL.HARNET.ALIGN``, one per
+    IN_FEATURES entry, checked against the bottom-up output shapes (dict name -> ShapeSpec)."""
+    align = cfg.MODEL.HARNET.ALIGN
+    in_features = list(align.IN_FEATURES)
+    if not in_features:
+        raise ValueError(
+            "MODEL.HARNET.ALIGN.IN_FEATURES is empty; set MODEL.HARNET.ALIGN.ENABLED=False to "
+            "build without aligned attention"
+        )
+    unknown = [f for f in in_features if f not in bottom_up_shapes]
+    if unknown:
+        raise ValueError(
+            f"MODEL.HARNET.ALIGN.IN_FEATURES {unknown} are not backbone outputs; "
+            f"MODEL.RESNETS.OUT_FEATURES is {sorted(bottom_up_shapes)}"
+        )
+    if len(set(in_features)) != len(in_features):
+        raise ValueError(f"MODEL.HARNET.ALIGN.IN_FEATURES has duplicates: {in_features}")
+    mid = list(align.MID_CHANNELS)
+    if len(mid) == 1:
+        mid = mid * len(in_features)
+    if len(mid) != len(in_features):
+        raise ValueError(
+            f"MODEL.HARNET.ALIGN.MID_CHANNELS has {len(mid)} values for {len(in_features)} "
+            f"IN_FEATURES {in_features}; give one value, or one per feature"
+        )
+    blocks = []
+    for name, mid_channels in zip(in_features, mid):
+        channels = bottom_up_shapes[name].channels
+        groups = align.NORM_GROUPS
+        for key, value in (("MID_CHANNELS", mid_channels), (f"channels of {name}", channels)):
+            if groups <= 0 or value % groups != 0:
+                raise ValueError(
+                    f"MODEL.HARNET.ALIGN.NORM_GROUPS={groups} must divide {key} ({value})"
+                )
+        if align.DEFORM_GROUPS <= 0 or mid_channels % align.DEFORM_GROUPS != 0:
+            raise ValueError(
+                f"MODEL.HARNET.ALIGN.DEFORM_GROUPS={align.DEFORM_GROUPS} must divide "
+                f"MODEL.HARNET.ALIGN.MID_CHANNELS ({mid_channels})"
+            )
+        blocks.append(
+            AlignedAttention(
+                channels,
+                mid_channels=mid_channels,
+                deform_groups=align.DEFORM_GROUPS,
+                norm_groups=groups,
+                last_norm_init=align.LAST_NORM_INIT,
+                offset_lr_factor=align.OFFSET_LR_FACTOR,
+            )
+        )
+    return blocks
+
+
+@BACKBONE_REGISTRY.register()
+def build_harnet_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
+    """
+    Detectron2's ``build_retinanet_resnet_fpn_backbone`` (ResNet, FPN, P6/P7 from C5 by
+    ``LastLevelP6P7``) whose ResNet outputs ``MODEL.HARNET.ALIGN.IN_FEATURES`` are refined by
+    :class:`AlignedAttention` when ``MODEL.HARNET.ALIGN.ENABLED``; P6 is then computed from
+    the refined C5. With ALIGN disabled it returns Detectron2's backbone unchanged.
+
+    Returns:
+        FPN: a Detectron2 FPN backbone (outputs p3..p7).
+    """
+    backbone = build_retinanet_resnet_fpn_backbone(cfg, input_shape)
+    if not cfg.MODEL.HARNET.ALIGN.ENABLED:
+        return backbone
+    resnet = backbone.bottom_up
+    blocks = aligned_attention_from_config(cfg, resnet.output_shape())
+    # The FPN only reads the bottom-up's output shapes at construction, and refinement
+    # keeps them, so swapping in the refined ResNet keeps the FPN valid and its param names.
+    backbone.bottom_up = AlignedResNet(resnet, cfg.MODEL.HARNET.ALIGN.IN_FEATURES, blocks)
+    return backbone

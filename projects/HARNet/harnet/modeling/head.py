@@ -1,0 +1,328 @@
+"""The HAR-Net head: RetinaNet towers with cross-level group norm, per-level spatial attention,
+cross-level SE channel attention and a second predictor pair."""
+import math
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from detectron2.config import configurable
+from detectron2.layers import ShapeSpec
+from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
+
+from .channel_attention import CrossLevelSE
+from .clgn import CrossLevelGroupNorm
+from .spatial_attention import SpatialAttention
+
+__all__ = ["HARRetinaNetHead", "SPATIAL_MODES"]
+
+SPATIAL_MODES = ("mul", "residual")
+
+# (logits per level, box deltas per level) of one predictor pair.
+Predictions = Tuple[List[Tensor], List[Tensor]]
+
+
+class HARRetinaNetHead(RetinaNetHead):
+    """
+    RetinaNet's head with HAR-Net's channel and spatial attention. Per tower (cls, box),
+    with levels l = P3..P7 and masks m_l from the FPN outputs P_l:
+
+    - ``f_l = tower(P_l)``: 4 x [conv3x3 -> CLGN -> ReLU], the norm statistics shared by all
+      levels (or Detectron2's plain tower when CLGN is off);
+    - ``f_l <- f_l * m_l`` (mode "mul") or ``f_l * (1 + m_l)`` (mode "residual"),
+      ``m_l = SpatialAttention_l(P_l)``;
+    - predictor A: ``cls_score(f_l)``, ``bbox_pred(f_l)``;
+    - ``g_l = CrossLevelSE(f_1..f_L)_l``; predictor B: ``channel_cls_score(g_l)``,
+      ``channel_bbox_pred(g_l)`` (with a single predictor, ``cls_score``/``bbox_pred`` read g_l).
+
+    ``forward`` returns RetinaNetHead's output (logits and deltas per level), averaged over
+    the predictors; :meth:`forward_predictors` returns each predictor's output separately
+    (for the per-predictor training losses) and the spatial masks.
+
+    With every option off this is Detectron2's RetinaNetHead: same parameters, same names
+    (``cls_subnet.*``, ``bbox_subnet.*``, ``cls_score``, ``bbox_pred``), same outputs. With
+    CLGN on, the tower convs keep those names (the norms are ``cls_subnet_norm.*`` and
+    ``bbox_subnet_norm.*``), so RetinaNet checkpoints load into the towers.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        input_shape: List[ShapeSpec],
+        num_classes: int,
+        num_anchors: int,
+        conv_dims: List[int],
+        norm="",
+        prior_prob: float = 0.01,
+        clgn_num_groups: int = 0,
+        clgn_last_norm_init: float = 0.1,
+        spatial_dilations: Optional[Sequence[Sequence[int]]] = None,
+        spatial_channels: int = 16,
+        spatial_norm_groups: int = 4,
+        spatial_mode: str = "mul",
+        spatial_shared: bool = False,
+        channel_attention: bool = False,
+        channel_hidden: int = 32,
+        channel_extra_conv: bool = True,
+        dual_predictor: bool = True,
+    ):
+        """
+        Args:
+            input_shape, num_classes, num_anchors, conv_dims, norm, prior_prob: as
+                Detectron2's :class:`RetinaNetHead`; ``norm`` must be "" with CLGN.
+            clgn_num_groups (int): groups of the towers' cross-level group norm; 0 = no CLGN.
+            clgn_last_norm_init (float): initial CLGN weight of the last tower conv.
+            spatial_dilations (list[list[int]] or None): dilations of each level's spatial
+                attention branch (one list per level, or one list for all); None = no
+                spatial attention.
+            spatial_channels, spatial_norm_groups: see :class:`SpatialAttention`.
+            spatial_mode (str): "mul" (``x * m``) or "residual" (``x * (1 + m)``).
+            spatial_shared (bool): one branch for all levels (needs one dilation list).
+            channel_attention (bool): cross-level SE per tower.
+            channel_hidden, channel_extra_conv: see :class:`CrossLevelSE`.
+            dual_predictor (bool): with channel attention, keep predictor A on the spatially
+                attended features and add predictor B on the channel-attended ones.
+        """
+        super().__init__(
+            input_shape=input_shape,
+            num_classes=num_classes,
+            num_anchors=num_anchors,
+            conv_dims=conv_dims,
+            norm=norm,
+            prior_prob=prior_prob,
+        )
+        num_levels = len(input_shape)
+        channels = conv_dims[-1]
+        self.num_classes = num_classes
+        self.num_anchors = num_anchors
+
+        # --- CLGN towers: Detectron2's tower convs, interleaved with cross-level norms ---
+        self.use_clgn = clgn_num_groups > 0
+        if self.use_clgn:
+            if norm:
+                raise ValueError(
+                    f"HARRetinaNetHead: norm={norm!r} and CLGN both normalise the towers; "
+                    "use one (MODEL.RETINANET.NORM must be '' with MODEL.HARNET.CLGN.ENABLED)"
+                )
+            self.cls_subnet_norm = self._clgn_list(conv_dims, clgn_num_groups, clgn_last_norm_init)
+            self.bbox_subnet_norm = self._clgn_list(conv_dims, clgn_num_groups, clgn_last_norm_init)
+
+        # --- Spatial attention, one branch per level (or one shared) ---
+        if spatial_mode not in SPATIAL_MODES:
+            raise ValueError(
+                f"HARRetinaNetHead: spatial_mode must be one of {SPATIAL_MODES}, got {spatial_mode!r}"
+            )
+        self.spatial_mode = spatial_mode
+        self.use_spatial = spatial_dilations is not None
+        if self.use_spatial:
+            dilations = [tuple(int(d) for d in row) for row in spatial_dilations]
+            if len(dilations) == 1:
+                dilations = dilations * num_levels
+            if len(dilations) != num_levels:
+                raise ValueError(
+                    f"HARRetinaNetHead: spatial_dilations has {len(dilations)} rows for "
+                    f"{num_levels} levels; give one row per level or a single row"
+                )
+            if spatial_shared and len(set(dilations)) != 1:
+                raise ValueError(
+                    "HARRetinaNetHead: a shared spatial attention branch needs the same "
+                    f"dilations for every level, got {dilations}"
+                )
+            self.spatial_dilations = dilations
+            self.spatial_attention = nn.ModuleList(
+                SpatialAttention(input_shape[0].channels, spatial_channels, d, spatial_norm_groups)
+                for d in (dilations[:1] if spatial_shared else dilations)
+            )
+
+        # --- Channel attention and the second predictor ---
+        self.use_channel = bool(channel_attention)
+        self.dual_predictor = self.use_channel and bool(dual_predictor)
+        if self.use_channel:
+            self.cls_channel_attention = CrossLevelSE(
+                channels, num_levels, channel_hidden, channel_extra_conv
+            )
+            self.bbox_channel_attention = CrossLevelSE(
+                channels, num_levels, channel_hidden, channel_extra_conv
+            )
+        if self.dual_predictor:
+            self.channel_cls_score = nn.Conv2d(channels, num_anchors * num_classes, 3, padding=1)
+            self.channel_bbox_pred = nn.Conv2d(channels, num_anchors * 4, 3, padding=1)
+            # Same initialisation as predictor A (RetinaNetHead).
+            for layer in (self.channel_cls_score, self.channel_bbox_pred):
+                nn.init.normal_(layer.weight, mean=0, std=0.01)
+                nn.init.constant_(layer.bias, 0)
+            nn.init.constant_(self.channel_cls_score.bias, -math.log((1 - prior_prob) / prior_prob))
+
+    @staticmethod
+    def _clgn_list(conv_dims, num_groups, last_norm_init):
+        for c in conv_dims:
+            if c % num_groups != 0:
+                raise ValueError(
+                    f"HARRetinaNetHead: clgn_num_groups={num_groups} must divide the tower "
+                    f"channels {list(conv_dims)} (MODEL.HARNET.CLGN.NUM_GROUPS vs "
+                    "MODEL.FPN.OUT_CHANNELS)"
+                )
+        norms = nn.ModuleList(CrossLevelGroupNorm(num_groups, c) for c in conv_dims)
+        nn.init.constant_(norms[-1].weight, last_norm_init)
+        return norms
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: List[ShapeSpec]):
+        ret = super().from_config(cfg, input_shape)
+        har = cfg.MODEL.HARNET
+        num_levels = len(input_shape)
+        if har.CLGN.ENABLED:
+            if cfg.MODEL.RETINANET.NORM:
+                raise ValueError(
+                    f"MODEL.RETINANET.NORM={cfg.MODEL.RETINANET.NORM!r} cannot be combined with "
+                    "MODEL.HARNET.CLGN.ENABLED=True (both normalise the towers); set one of them off"
+                )
+            channels = input_shape[0].channels
+            if har.CLGN.NUM_GROUPS <= 0 or channels % har.CLGN.NUM_GROUPS != 0:
+                raise ValueError(
+                    f"MODEL.HARNET.CLGN.NUM_GROUPS={har.CLGN.NUM_GROUPS} must be a positive "
+                    f"divisor of the tower channels MODEL.FPN.OUT_CHANNELS={channels}"
+                )
+        if har.SPATIAL.ENABLED:
+            dilations = [list(row) for row in har.SPATIAL.DILATIONS]
+            if not dilations or any(
+                not isinstance(row, (list, tuple)) or not row or any(int(d) <= 0 for d in row)
+                for row in dilations
+            ):
+                raise ValueError(
+                    "MODEL.HARNET.SPATIAL.DILATIONS must be a list of non-empty lists of "
+                    f"positive ints, got {har.SPATIAL.DILATIONS}"
+                )
+            if len(dilations) not in (1, num_levels):
+                raise ValueError(
+                    f"MODEL.HARNET.SPATIAL.DILATIONS has {len(dilations)} rows but the head has "
+                    f"{num_levels} levels (MODEL.RETINANET.IN_FEATURES="
+                    f"{list(cfg.MODEL.RETINANET.IN_FEATURES)}); give one row per level or one row"
+                )
+            if har.SPATIAL.MODE not in SPATIAL_MODES:
+                raise ValueError(
+                    f"MODEL.HARNET.SPATIAL.MODE={har.SPATIAL.MODE!r} is unknown; use one of "
+                    f"{SPATIAL_MODES}"
+                )
+            if har.SPATIAL.SHARED and len({tuple(r) for r in dilations}) != 1:
+                raise ValueError(
+                    "MODEL.HARNET.SPATIAL.SHARED=True needs the same dilations for every level, "
+                    f"but MODEL.HARNET.SPATIAL.DILATIONS={dilations}; give a single row, "
+                    "e.g. [[1, 2, 5, 2]]"
+                )
+            ng = har.SPATIAL.NORM_GROUPS
+            if har.SPATIAL.CHANNELS <= 0 or ng < 0 or (ng > 0 and har.SPATIAL.CHANNELS % ng):
+                raise ValueError(
+                    f"MODEL.HARNET.SPATIAL.NORM_GROUPS={ng} must be 0 or divide "
+                    f"MODEL.HARNET.SPATIAL.CHANNELS={har.SPATIAL.CHANNELS} (> 0)"
+                )
+        if har.CHANNEL.ENABLED and har.CHANNEL.HIDDEN <= 0:
+            raise ValueError(f"MODEL.HARNET.CHANNEL.HIDDEN={har.CHANNEL.HIDDEN} must be positive")
+        ret.update(
+            clgn_num_groups=har.CLGN.NUM_GROUPS if har.CLGN.ENABLED else 0,
+            clgn_last_norm_init=har.CLGN.LAST_NORM_INIT,
+            spatial_dilations=har.SPATIAL.DILATIONS if har.SPATIAL.ENABLED else None,
+            spatial_channels=har.SPATIAL.CHANNELS,
+            spatial_norm_groups=har.SPATIAL.NORM_GROUPS,
+            spatial_mode=har.SPATIAL.MODE,
+            spatial_shared=har.SPATIAL.SHARED,
+            channel_attention=har.CHANNEL.ENABLED,
+            channel_hidden=har.CHANNEL.HIDDEN,
+            channel_extra_conv=har.CHANNEL.EXTRA_CONV,
+            dual_predictor=har.CHANNEL.DUAL_PREDICTOR,
+        )
+        return ret
+
+    @property
+    def num_predictors(self) -> int:
+        """Number of predictor pairs (2 with the dual predictor, else 1)."""
+        return 2 if self.dual_predictor else 1
+
+    def _tower(self, subnet: nn.Sequential, norms: Optional[nn.ModuleList], features):
+        if norms is None:
+            return [subnet(x) for x in features]
+        convs = [m for m in subnet if isinstance(m, nn.Conv2d)]
+        for conv, norm in zip(convs, norms):
+            # The norm needs every level's conv output before any level can go on.
+            features = [F.relu(x) for x in norm([conv(x) for x in features])]
+        return features
+
+    def spatial_masks(self, features: List[Tensor]) -> List[Tensor]:
+        """
+        Args:
+            features (list[Tensor[N, C, H_l, W_l]]): the FPN levels.
+
+        Returns:
+            list[Tensor[N, 1, H_l, W_l]]: the spatial attention mask of each level, in (0, 1).
+        """
+        if not self.use_spatial:
+            raise RuntimeError(
+                "HARRetinaNetHead has no spatial attention (MODEL.HARNET.SPATIAL.ENABLED=False)"
+            )
+        branches = self.spatial_attention
+        if len(branches) == 1:
+            return [branches[0](x) for x in features]
+        return [branch(x) for branch, x in zip(branches, features)]
+
+    def _attend(self, x: Tensor, mask: Tensor) -> Tensor:
+        return x * mask if self.spatial_mode == "mul" else x * (1 + mask)
+
+    def forward_predictors(self, features: List[Tensor]) -> Dict[str, object]:
+        """
+        Args:
+            features (list[Tensor[N, C, H_l, W_l]]): the FPN levels, high to low resolution.
+
+        Returns:
+            dict with
+              "predictions": list over predictors (A first) of (logits, deltas): per-level
+                  tensors of shape (N, A*K, H_l, W_l) and (N, A*4, H_l, W_l);
+              "masks": list[Tensor[N, 1, H_l, W_l]] spatial masks, or None.
+        """
+        if len(features) != self._num_features:
+            raise ValueError(
+                f"HARRetinaNetHead: got {len(features)} feature levels, built for "
+                f"{self._num_features}"
+            )
+        cls_feats = self._tower(self.cls_subnet, getattr(self, "cls_subnet_norm", None), features)
+        box_feats = self._tower(self.bbox_subnet, getattr(self, "bbox_subnet_norm", None), features)
+        masks = None
+        if self.use_spatial:
+            masks = self.spatial_masks(features)
+            cls_feats = [self._attend(x, m) for x, m in zip(cls_feats, masks)]
+            box_feats = [self._attend(x, m) for x, m in zip(box_feats, masks)]
+
+        predictions: List[Predictions] = []
+        if not self.use_channel or self.dual_predictor:
+            predictions.append(
+                ([self.cls_score(x) for x in cls_feats], [self.bbox_pred(x) for x in box_feats])
+            )
+        if self.use_channel:
+            cls_ch = self.cls_channel_attention(cls_feats)
+            box_ch = self.bbox_channel_attention(box_feats)
+            cls_score = self.channel_cls_score if self.dual_predictor else self.cls_score
+            bbox_pred = self.channel_bbox_pred if self.dual_predictor else self.bbox_pred
+            predictions.append(([cls_score(x) for x in cls_ch], [bbox_pred(x) for x in box_ch]))
+        return {"predictions": predictions, "masks": masks}
+
+    @staticmethod
+    def average_predictions(predictions: Sequence[Predictions]) -> Predictions:
+        """Mean over predictors of the logits and of the deltas, per level."""
+        if len(predictions) == 1:
+            return predictions[0]
+        n = len(predictions)
+        logits = [sum(level) / n for level in zip(*(p[0] for p in predictions))]
+        deltas = [sum(level) / n for level in zip(*(p[1] for p in predictions))]
+        return logits, deltas
+
+    def forward(self, features: List[Tensor]):
+        """
+        Args:
+            features (list[Tensor[N, C, H_l, W_l]]): the FPN levels, high to low resolution.
+
+        Returns:
+            logits (list[Tensor[N, A*K, H_l, W_l]]), bbox_reg (list[Tensor[N, A*4, H_l, W_l]]):
+            as :class:`RetinaNetHead`, averaged over the predictor pairs.
+        """
+        return self.average_predictions(self.forward_predictors(features)["predictions"])

@@ -1,0 +1,256 @@
+"""HARRetinaNet: Detectron2's RetinaNet with HAR-Net's hybrid attention."""
+import math
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY, RetinaNet
+from detectron2.modeling.postprocessing import detector_postprocess
+from detectron2.structures import Boxes, Instances
+
+from ..layers.postprocess import postprocess_params_from_cfg, suppress_detections
+from .head import HARRetinaNetHead
+
+__all__ = ["HARRetinaNet"]
+
+
+@META_ARCH_REGISTRY.register()
+class HARRetinaNet(RetinaNet):
+    """
+    RetinaNet with HAR-Net's hybrid attention (aligned attention lives in the backbone,
+    CLGN / spatial / channel attention in :class:`HARRetinaNetHead`).
+
+    Anchors, matching, box coding, the focal / box losses and the per-level decoding are
+    Detectron2's RetinaNet's. What differs:
+
+    - training: one set of RetinaNet losses per predictor pair of the head, weighted by
+      ``predictor_loss_weights`` (0.5 / 0.5 with the dual predictor); predictor B's losses
+      are reported as ``loss_cls_channel`` and ``loss_box_reg_channel``;
+    - inference: the predictors' logits and deltas are averaged (by the head), candidates
+      decoded as in RetinaNet, then suppressed by
+      :func:`harnet.layers.postprocess.suppress_detections` with ``postprocess_params``
+      (hard NMS equals RetinaNet's ``batched_nms``).
+
+    With HARNet's four switches off (and hard NMS) it is Detectron2's RetinaNet: same
+    parameters, losses and detections.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        predictor_loss_weights: Sequence[float] = (1.0,),
+        postprocess_params: Optional[Dict] = None,
+        **kwargs,
+    ):
+        """
+        Args:
+            predictor_loss_weights (list[float]): loss weight of each predictor pair of the
+                head, in the order of ``head.forward_predictors`` (A, then B).
+            postprocess_params (dict or None): keyword arguments of
+                :func:`suppress_detections`; None = hard NMS with ``test_nms_thresh`` and
+                ``max_detections_per_image`` (RetinaNet's own post-processing).
+            kwargs: the arguments of Detectron2's :class:`RetinaNet`.
+        """
+        super().__init__(**kwargs)
+        weights = [float(w) for w in predictor_loss_weights]
+        num_predictors = getattr(self.head, "num_predictors", 1)
+        if len(weights) != num_predictors:
+            raise ValueError(
+                f"HARRetinaNet: predictor_loss_weights {weights} has {len(weights)} values, the "
+                f"head has {num_predictors} predictor pair(s)"
+            )
+        if any(not math.isfinite(w) or w < 0 for w in weights):
+            raise ValueError(f"HARRetinaNet: predictor_loss_weights must be >= 0, got {weights}")
+        self.predictor_loss_weights = tuple(weights)
+        if postprocess_params is None:
+            postprocess_params = dict(
+                nms_type="hard",
+                iou_threshold=self.test_nms_thresh,
+                max_detections=self.max_detections_per_image,
+            )
+        self.postprocess_params = dict(postprocess_params)
+
+    @classmethod
+    def from_config(cls, cfg):
+        ret = super().from_config(cfg)
+        feature_shapes = [ret["backbone"].output_shape()[f] for f in cfg.MODEL.RETINANET.IN_FEATURES]
+        ret["head"] = HARRetinaNetHead(cfg, feature_shapes)
+        channel = cfg.MODEL.HARNET.CHANNEL
+        if channel.ENABLED and channel.DUAL_PREDICTOR:
+            weights = list(channel.LOSS_WEIGHTS)
+            if len(weights) != 2 or any(not math.isfinite(w) or w < 0 for w in weights):
+                raise ValueError(
+                    "MODEL.HARNET.CHANNEL.LOSS_WEIGHTS must be two non-negative numbers (predictor "
+                    f"A, predictor B), got {channel.LOSS_WEIGHTS}"
+                )
+            ret["predictor_loss_weights"] = weights
+        else:
+            ret["predictor_loss_weights"] = [1.0]
+        ret["postprocess_params"] = postprocess_params_from_cfg(cfg)
+        return ret
+
+    # ---------------------------------------------------------------- shared steps
+    def _features(self, batched_inputs):
+        images = self.preprocess_image(batched_inputs)
+        features = self.backbone(images.tensor)
+        return images, [features[f] for f in self.head_in_features]
+
+    def _head_predictions(self, features: List[Tensor]):
+        # Any RetinaNet-style head works; HARRetinaNetHead gives one output per predictor.
+        if hasattr(self.head, "forward_predictors"):
+            return self.head.forward_predictors(features)["predictions"]
+        return [self.head(features)]
+
+    # ---------------------------------------------------------------- training
+    def forward(self, batched_inputs: List[Dict[str, Tensor]]):
+        """
+        Args:
+            batched_inputs: as :meth:`RetinaNet.forward` (a list of dicts with "image", and
+                "instances" in training, optionally "height"/"width").
+
+        Returns:
+            training: dict of losses; inference: list of {"instances": Instances}.
+        """
+        if not self.training:
+            # RetinaNet's inference path; the head averages the predictors and
+            # inference_single_image below applies `suppress`.
+            return super().forward(batched_inputs)
+        if "instances" not in batched_inputs[0]:
+            raise ValueError("HARRetinaNet: 'instances' annotations are missing in training")
+        images, features = self._features(batched_inputs)
+        gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+        predictions = self._head_predictions(features)
+        return self.forward_training(images, features, predictions, gt_instances)
+
+    def forward_training(self, images, features, predictions, gt_instances):
+        """
+        Args:
+            predictions: list over the head's predictor pairs of [logits, deltas] (per-level
+                lists as RetinaNetHead returns them).
+
+        Returns:
+            dict[str, Tensor]: RetinaNet's losses of predictor A (``loss_cls``,
+            ``loss_box_reg``) and, with a second predictor, ``loss_cls_channel`` and
+            ``loss_box_reg_channel``, each multiplied by its predictor's loss weight.
+        """
+        if len(predictions) != len(self.predictor_loss_weights):
+            raise ValueError(
+                f"HARRetinaNet: the head gave {len(predictions)} predictor outputs, "
+                f"predictor_loss_weights has {len(self.predictor_loss_weights)}"
+            )
+        anchors = self.anchor_generator(features)
+        gt_labels, gt_boxes = self.label_anchors(anchors, gt_instances)
+        # RetinaNet.losses updates the EMA of the number of positive anchors on each call;
+        # every predictor must see the normaliser of a single update per iteration.
+        ema_before = self.__dict__.get("loss_normalizer")
+        losses = {}
+        for i, (weight, pred) in enumerate(zip(self.predictor_loss_weights, predictions)):
+            if i > 0:
+                if ema_before is None:
+                    del self.loss_normalizer
+                else:
+                    self.loss_normalizer = ema_before
+            pred_logits, pred_deltas = self._transpose_dense_predictions(pred, [self.num_classes, 4])
+            suffix = "" if i == 0 else ("_channel" if i == 1 else f"_{i}")
+            for name, value in self.losses(anchors, pred_logits, gt_labels, pred_deltas, gt_boxes).items():
+                losses[name + suffix] = value * weight
+        return losses
+
+    # ---------------------------------------------------------------- inference
+    def inference_single_image(self, anchors, box_cls, box_delta, image_size):
+        """RetinaNet's decoding followed by :meth:`suppress` (see
+        :meth:`RetinaNet.inference_single_image` for the arguments)."""
+        return self.suppress(
+            self._decode_multi_level_predictions(
+                anchors, box_cls, box_delta, self.test_score_thresh, self.test_topk_candidates,
+                image_size,
+            )
+        )
+
+    def suppress(self, instances: Instances) -> Instances:
+        """
+        Args:
+            instances (Instances): candidates of one image (pred_boxes, scores, pred_classes).
+
+        Returns:
+            Instances: the detections kept by :func:`suppress_detections` with
+            ``self.postprocess_params`` (same image_size), sorted by decreasing score.
+        """
+        boxes, scores, classes = suppress_detections(
+            instances.pred_boxes.tensor, instances.scores, instances.pred_classes,
+            **self.postprocess_params,
+        )
+        return Instances(
+            instances.image_size, pred_boxes=Boxes(boxes), scores=scores, pred_classes=classes
+        )
+
+    def forward_candidates(
+        self, batched_inputs: List[Dict[str, Tensor]], do_postprocess: bool = True
+    ) -> List[Instances]:
+        """
+        The detection candidates of each image before suppression: per level, the top
+        ``test_topk_candidates`` (anchor, class) pairs scoring above ``test_score_thresh``,
+        decoded; all levels concatenated.
+
+        Args:
+            batched_inputs: as in inference (dicts with "image", optional "height"/"width").
+            do_postprocess (bool): rescale to the output resolution ("height"/"width" of the
+                input dict) like :func:`detector_postprocess` (which also clips boxes and drops
+                empty ones); False keeps the network-input resolution.
+
+        Returns:
+            list[Instances]: per image, fields pred_boxes, scores, pred_classes.
+        """
+        images, features = self._features(batched_inputs)
+        predictions = self.head(features)
+        pred_logits, pred_deltas = self._transpose_dense_predictions(
+            predictions, [self.num_classes, 4]
+        )
+        anchors = self.anchor_generator(features)
+        results = []
+        for i, image_size in enumerate(images.image_sizes):
+            candidates = self._decode_multi_level_predictions(
+                anchors,
+                [x[i].sigmoid() for x in pred_logits],
+                [x[i] for x in pred_deltas],
+                self.test_score_thresh,
+                self.test_topk_candidates,
+                image_size,
+            )
+            if do_postprocess:
+                height = batched_inputs[i].get("height", image_size[0])
+                width = batched_inputs[i].get("width", image_size[1])
+                candidates = detector_postprocess(candidates, height, width)
+            results.append(candidates)
+        return results
+
+    @torch.no_grad()
+    def attention_maps(self, batched_inputs: List[Dict[str, Tensor]]) -> List[List[Tensor]]:
+        """
+        The spatial attention masks, for visualisation.
+
+        Args:
+            batched_inputs: as in inference (dicts with "image").
+
+        Returns:
+            list (per image) of list (per head level, P3 first) of Tensor[H_l, W_l] in (0, 1):
+            the mask of the level, cropped to the image's own extent (batch padding removed),
+            i.e. ``H_l = ceil(h / stride_l)`` for an input image of height h.
+        """
+        if not getattr(self.head, "use_spatial", False):
+            raise RuntimeError(
+                "attention_maps needs spatial attention (MODEL.HARNET.SPATIAL.ENABLED=True)"
+            )
+        images, features = self._features(batched_inputs)
+        masks = self.head.spatial_masks(features)
+        shapes = self.backbone.output_shape()
+        strides = [shapes[f].stride for f in self.head_in_features]
+        out = []
+        for i, (h, w) in enumerate(images.image_sizes):
+            out.append(
+                [m[i, 0, : math.ceil(h / s), : math.ceil(w / s)] for m, s in zip(masks, strides)]
+            )
+        return out

@@ -1,0 +1,122 @@
+"""Optimizer of HARNet: Detectron2's default parameter groups plus per-module lr factors."""
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from detectron2.solver import get_default_optimizer_params, maybe_add_gradient_clipping
+from detectron2.solver.build import reduce_param_groups
+
+from .modeling.clgn import CrossLevelGroupNorm
+
+__all__ = ["build_optimizer", "get_optimizer_params", "lr_factors"]
+
+# Norm layers Detectron2 does not know about, that WEIGHT_DECAY_NORM must also cover.
+EXTRA_NORM_TYPES = (CrossLevelGroupNorm,)
+
+
+def lr_factors(model: nn.Module, attr: str = "lr_factor") -> Dict[nn.Parameter, float]:
+    """
+    The learning-rate factor of every parameter: the product of ``getattr(m, attr)`` over
+    the modules ``m`` that contain it (the parameter's owner and its ancestors); parameters
+    outside any such module are absent (factor 1).
+    """
+    factors: Dict[nn.Parameter, float] = {}
+
+    def visit(module: nn.Module, factor: float):
+        own = getattr(module, attr, None)
+        if own is not None:
+            own = float(own)
+            if not own >= 0:
+                raise ValueError(f"{type(module).__name__}.{attr} must be >= 0, got {own}")
+            factor *= own
+        if factor != 1.0:
+            for p in module.parameters(recurse=False):
+                factors[p] = factor
+        for child in module.children():
+            visit(child, factor)
+
+    visit(model, 1.0)
+    return factors
+
+
+def get_optimizer_params(
+    model: nn.Module,
+    base_lr: Optional[float] = None,
+    weight_decay: Optional[float] = None,
+    weight_decay_norm: Optional[float] = None,
+    bias_lr_factor: Optional[float] = 1.0,
+    weight_decay_bias: Optional[float] = None,
+    overrides: Optional[Dict[str, Dict[str, float]]] = None,
+    lr_factor_attr: str = "lr_factor",
+) -> List[Dict[str, Any]]:
+    """
+    Detectron2's :func:`get_default_optimizer_params` (same arguments and result), with two
+    additions:
+
+    - a module with attribute ``lr_factor`` (e.g. the offset conv of
+      :class:`harnet.modeling.AlignedAttention`) has the lr of its parameters multiplied by
+      it (factors of nested modules multiply);
+    - ``weight_decay_norm`` also applies to :class:`CrossLevelGroupNorm` parameters.
+
+    Usable from a LazyConfig: ``L(get_optimizer_params)(base_lr="${..lr}",
+    weight_decay_norm=0.0)`` (the model is filled in by the trainer). ``base_lr`` is
+    required when a factor other than 1 is present.
+
+    Returns:
+        list[dict]: parameter groups for a torch optimizer.
+    """
+    groups = get_default_optimizer_params(
+        model,
+        base_lr=base_lr,
+        weight_decay=weight_decay,
+        weight_decay_norm=weight_decay_norm,
+        bias_lr_factor=bias_lr_factor,
+        weight_decay_bias=weight_decay_bias,
+        overrides=overrides,
+    )
+    factors = lr_factors(model, lr_factor_attr)
+    extra_norm_params = set()
+    if weight_decay_norm is not None:
+        for module in model.modules():
+            if isinstance(module, EXTRA_NORM_TYPES):
+                extra_norm_params.update(module.parameters(recurse=False))
+
+    per_param = []
+    for group in groups:
+        for p in group["params"]:
+            hyper = {k: v for k, v in group.items() if k != "params"}
+            factor = factors.get(p, 1.0)
+            if factor != 1.0:
+                if "lr" not in hyper:
+                    raise ValueError(
+                        f"get_optimizer_params: base_lr is required, the model has modules with "
+                        f"{lr_factor_attr} != 1"
+                    )
+                hyper["lr"] = hyper["lr"] * factor
+            if p in extra_norm_params:
+                hyper["weight_decay"] = weight_decay_norm
+            per_param.append({"params": [p], **hyper})
+    return reduce_param_groups(per_param)
+
+
+def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
+    """
+    Detectron2's :func:`detectron2.solver.build_optimizer` (SGD with the SOLVER.* settings
+    and optional gradient clipping) on :func:`get_optimizer_params`, so modules'
+    ``lr_factor`` (MODEL.HARNET.ALIGN.OFFSET_LR_FACTOR) is honoured.
+    """
+    params = get_optimizer_params(
+        model,
+        base_lr=cfg.SOLVER.BASE_LR,
+        weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
+        bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
+        weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
+    )
+    return maybe_add_gradient_clipping(cfg, torch.optim.SGD)(
+        params,
+        lr=cfg.SOLVER.BASE_LR,
+        momentum=cfg.SOLVER.MOMENTUM,
+        nesterov=cfg.SOLVER.NESTEROV,
+        weight_decay=cfg.SOLVER.WEIGHT_DECAY,
+    )

@@ -4,8 +4,11 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
-from detectron2.solver import get_default_optimizer_params, maybe_add_gradient_clipping
-from detectron2.solver.build import reduce_param_groups
+from detectron2.solver.build import (
+    get_default_optimizer_params,
+    maybe_add_gradient_clipping,
+    reduce_param_groups,
+)
 
 from .modeling.clgn import CrossLevelGroupNorm
 

@@ -8,5 +8,6 @@ from .config import add_harnet_config  # noqa: F401
 # Each import below registers something with Detectron2; keep them at package import.
 from . import modeling  # noqa: F401,E402
 from . import layers  # noqa: F401,E402
+from . import data  # noqa: F401,E402  (registers harnet_shapes_train/val)
 
 __version__ = "0.1.0"

@@ -105,7 +105,42 @@ def _add_tta_config(cfg):
 
 
 def _add_data_config(cfg):
-    """Built-in dataset settings."""
+    """Built-in dataset settings: cfg.DATASETS.SHAPES (harnet/data/shapes.py).
+
+    ``import harnet`` registers ``harnet_shapes_train`` / ``harnet_shapes_val`` with these
+    defaults; a config that changes them takes effect through
+    ``harnet.data.register_shapes_from_cfg(cfg)`` (the training script calls it).
+    """
+    from .data.shapes import DEFAULT_NUM_TRAIN, DEFAULT_NUM_VAL
+    from .data.shapes_render import ShapesSpec
+
+    d = ShapesSpec()
+    cfg.DATASETS.SHAPES = CN()
+    # Cache root; "" = $HARNET_DATASETS, else ~/.cache/harnet/datasets. Each setting gets
+    # its own sub-folder (fingerprinted), generated on first use.
+    cfg.DATASETS.SHAPES.ROOT = ""
+    # Seed of the train split; the val split uses SEED + 1 (never the same images).
+    cfg.DATASETS.SHAPES.SEED = d.seed
+    cfg.DATASETS.SHAPES.NUM_TRAIN = DEFAULT_NUM_TRAIN
+    cfg.DATASETS.SHAPES.NUM_VAL = DEFAULT_NUM_VAL
+    # (min, max) px: each image's height and width are drawn uniformly from this range.
+    cfg.DATASETS.SHAPES.IMAGE_SIZE = d.image_size
+    # (min, max) px of an object's longer box side, log-uniform (scattered scales) ...
+    cfg.DATASETS.SHAPES.OBJECT_SIZE = d.object_size
+    # ... capped at this fraction of the image's shorter side.
+    cfg.DATASETS.SHAPES.MAX_OBJECT_FRACTION = d.max_object_fraction
+    # (min, max) objects attempted per image (overly occluding placements are dropped).
+    cfg.DATASETS.SHAPES.OBJECTS_PER_IMAGE = d.objects_per_image
+    # (min, max) non-object clutter items (irregular blobs, scribbles) per image.
+    cfg.DATASETS.SHAPES.DISTRACTORS_PER_IMAGE = d.distractors_per_image
+    # Relative frequencies of circle, ellipse, square, triangle, star, cross (long tail).
+    cfg.DATASETS.SHAPES.CLASS_WEIGHTS = d.class_weights
+    # Every object keeps at least this fraction of its pixels visible (boxes = visible part).
+    cfg.DATASETS.SHAPES.MIN_VISIBLE_FRACTION = d.min_visible_fraction
+    # Probability that an object is placed overlapping an existing one.
+    cfg.DATASETS.SHAPES.OCCLUSION_PROB = d.occlusion_prob
+    # "jpg" (quality 95) or "png".
+    cfg.DATASETS.SHAPES.IMAGE_FORMAT = d.image_format
 
 
 def _add_train_config(cfg):

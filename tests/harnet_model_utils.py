@@ -1,0 +1,117 @@
+"""Helpers shared by the model tests: tiny configs and inputs (ResNet-18, 32-channel FPN,
+images of 40-128 px) so every variant builds and runs in well under a second on a CPU."""
+import os
+
+import torch
+
+from detectron2.config import get_cfg
+from detectron2.structures import Boxes, Instances
+
+import harnet
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_DIR = os.path.join(REPO, "configs", "HARNet")
+
+SWITCHES = ("ALIGN", "CLGN", "SPATIAL", "CHANNEL")
+
+
+def make_tiny(cfg):
+    """Shrink a (HARNet or RetinaNet) config in place to a ResNet-18 / 32-channel model."""
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.WEIGHTS = ""
+    cfg.MODEL.RESNETS.DEPTH = 18
+    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
+    cfg.MODEL.FPN.OUT_CHANNELS = 32
+    cfg.MODEL.RETINANET.NUM_CLASSES = 3
+    # Low threshold and few candidates: randomly initialised models still detect something.
+    cfg.MODEL.RETINANET.SCORE_THRESH_TEST = 0.0
+    cfg.MODEL.RETINANET.TOPK_CANDIDATES_TEST = 30
+    cfg.TEST.DETECTIONS_PER_IMAGE = 20
+    if "HARNET" in cfg.MODEL:
+        cfg.MODEL.HARNET.ALIGN.MID_CHANNELS = [32]
+        cfg.MODEL.HARNET.ALIGN.NORM_GROUPS = 8
+        cfg.MODEL.HARNET.CLGN.NUM_GROUPS = 8
+        cfg.MODEL.HARNET.SPATIAL.CHANNELS = 8
+        cfg.MODEL.HARNET.CHANNEL.HIDDEN = 8
+    return cfg
+
+
+def har_cfg(config_file="Base-HARNet.yaml", tiny=True, **switches):
+    """A HARNet config from configs/HARNet; switches e.g. ALIGN=False set *.ENABLED."""
+    cfg = get_cfg()
+    harnet.add_harnet_config(cfg)
+    cfg.merge_from_file(os.path.join(CONFIG_DIR, config_file))
+    for name, value in switches.items():
+        cfg.MODEL.HARNET[name].ENABLED = value
+    if tiny:
+        make_tiny(cfg)
+    return cfg
+
+
+def retinanet_cfg():
+    """Detectron2's own RetinaNet (model-zoo Base-RetinaNet.yaml), tiny."""
+    from detectron2 import model_zoo
+
+    cfg = get_cfg()
+    cfg.merge_from_file(model_zoo.get_config_file("Base-RetinaNet.yaml"))
+    return make_tiny(cfg)
+
+
+def all_off(cfg):
+    for name in SWITCHES:
+        cfg.MODEL.HARNET[name].ENABLED = False
+    return cfg
+
+
+def make_inputs(with_instances=True, sizes=((96, 128), (40, 52)), output_sizes=None):
+    """Two images of different sizes (the batch pads to 128x128, so P7 is 1x1 and the small
+    image covers a corner of it), each with two boxes."""
+    g = torch.Generator().manual_seed(1)
+    inputs = []
+    for i, (h, w) in enumerate(sizes):
+        d = {"image": torch.rand(3, h, w, generator=g) * 255}
+        if output_sizes is not None:
+            d["height"], d["width"] = output_sizes[i]
+        if with_instances:
+            boxes = torch.tensor([[2.0, 3.0, w * 0.6, h * 0.7], [w * 0.3, h * 0.2, w - 1.0, h - 2.0]])
+            d["instances"] = Instances(
+                (h, w), gt_boxes=Boxes(boxes), gt_classes=torch.tensor([i % 3, 2])
+            )
+        inputs.append(d)
+    return inputs
+
+
+def perturb_(model, scale=0.05, seed=0):
+    """Add noise to every parameter (in place; buffers such as frozen-BN statistics are left
+    alone) so that outputs are not those of the symmetric initialisation: relative to the
+    tensor's spread, or absolute for constant-initialised ones (biases, norms, the aligned
+    blocks' zero offsets). Returns the model."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            spread = p.std().item() if p.numel() > 1 else 0.0
+            p.add_(torch.randn(p.shape, generator=g) * scale * (spread if spread > 0 else 1.0))
+    return model
+
+
+def instances_equal(a, b, exact=True, atol=1e-5):
+    if len(a) != len(b):
+        return False
+    pairs = [
+        (a.pred_boxes.tensor, b.pred_boxes.tensor),
+        (a.scores, b.scores),
+        (a.pred_classes, b.pred_classes),
+    ]
+    if exact:
+        return all(torch.equal(x, y) for x, y in pairs)
+    return all(torch.allclose(x.float(), y.float(), atol=atol, rtol=1e-5) for x, y in pairs)
+
+
+def single_thread():
+    """Generator for a module-scoped fixture: the tiny models here run several times faster
+    on one intra-op thread than on two (thread synchronisation dominates their small
+    convolutions, badly so on a busy machine); restores the previous setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -404,7 +404,7 @@ def render_image(spec: ShapesSpec, index: int) -> Tuple[np.ndarray, List[Dict]]:
         raise RuntimeError(f"shapes: no object could be placed in image {index} of {spec}")
 
     # Occasional distractor in front of objects: clutter also occludes.
-    if rng.uniform() < 0.3:
+    if n_clutter and rng.uniform() < 0.3:
         alpha = _rasterize(*_blob_polygon(rng), _log_uniform(rng, spec.object_size[0], blob_hi))
         x0, y0 = int(rng.integers(0, w)) - alpha.shape[1] // 2, int(rng.integers(0, h)) - alpha.shape[0] // 2
         region = occ.try_place(alpha, x0, y0, is_object=False)

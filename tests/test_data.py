@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import logging
+import multiprocessing
 import os
 import threading
 
@@ -252,6 +253,33 @@ def test_concurrent_generation_yields_one_valid_cache(tmp_path, monkeypatch, wit
     cache = shapes_cache_dir(spec, root)
     check_shapes_cache(cache, spec)
     assert [p for p in os.listdir(root) if not p.endswith(".lock")] == [os.path.basename(cache)]
+
+
+def _ensure_in_child(spec, root, queue):
+    queue.put(("result", ensure_shapes(spec, root)))
+
+
+@pytest.mark.skipif("fork" not in multiprocessing.get_all_start_methods(), reason="needs fork")
+def test_concurrent_generation_in_two_processes(tmp_path, monkeypatch):
+    ctx = multiprocessing.get_context("fork")  # children inherit the imports: no start-up cost
+    queue = ctx.Queue()
+    generate = shapes_mod._generate
+    monkeypatch.setattr(shapes_mod, "_generate", lambda *a: queue.put(("generated", None)) or generate(*a))
+    spec = ShapesSpec(seed=6, num_images=6, image_size=(96, 128), object_size=(8, 64))
+    procs = [ctx.Process(target=_ensure_in_child, args=(spec, str(tmp_path), queue)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    messages = [queue.get(timeout=10) for _ in range(3)]
+    assert sorted(kind for kind, _ in messages) == ["generated", "result", "result"]
+    results = [value for kind, value in messages if kind == "result"]
+    assert results[0] == results[1]
+    check_shapes_cache(shapes_cache_dir(spec, str(tmp_path)), spec)
+    assert [p for p in os.listdir(tmp_path) if not p.endswith(".lock")] == [
+        os.path.basename(shapes_cache_dir(spec, str(tmp_path)))
+    ]
 
 
 def test_corrupt_cache_detected_and_regenerated(tmp_path, caplog):

@@ -3,6 +3,7 @@
 Validity is checked with pycocotools and Detectron2's own loader/evaluator, not with the
 generator's code; statistics are computed over rendered images.
 """
+
 import contextlib
 import io
 import json
@@ -119,10 +120,20 @@ def test_boxes_and_area_match_rendered_pixels(monkeypatch):
     the image border."""
     from harnet.data import shapes_render
 
-    monkeypatch.setattr(shapes_render, "_background", lambda rng, h, w: np.zeros((h, w, 3), np.float32))
-    monkeypatch.setattr(shapes_render, "_fill", lambda rng, color, h, w: np.full((h, w, 3), 255, np.float32))
-    spec = ShapesSpec(seed=2, num_images=40, image_size=(96, 128), object_size=(8, 90),
-                      objects_per_image=(1, 1), distractors_per_image=(0, 0))
+    monkeypatch.setattr(
+        shapes_render, "_background", lambda rng, h, w: np.zeros((h, w, 3), np.float32)
+    )
+    monkeypatch.setattr(
+        shapes_render, "_fill", lambda rng, color, h, w: np.full((h, w, 3), 255, np.float32)
+    )
+    spec = ShapesSpec(
+        seed=2,
+        num_images=40,
+        image_size=(96, 128),
+        object_size=(8, 90),
+        objects_per_image=(1, 1),
+        distractors_per_image=(0, 0),
+    )
     truncated = 0
     for i in range(spec.num_images):
         image, (ann,) = render_image(spec, i)
@@ -145,7 +156,10 @@ def test_ground_truth_as_predictions_gives_ap_100(small_set, tmp_path):
         evaluator.reset()
         for d in dicts:
             inst = Instances((d["height"], d["width"]))
-            boxes = [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in d["annotations"]]
+            boxes = [
+                BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS)
+                for a in d["annotations"]
+            ]
             inst.pred_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32))
             inst.scores = torch.ones(len(boxes))
             inst.pred_classes = torch.tensor([a["category_id"] for a in d["annotations"]])
@@ -170,8 +184,12 @@ def test_statistics_scales_imbalance_occlusion():
         classes += [a["category_id"] for a in anns]
         visible += [a["visible_fraction"] for a in anns]
         xyxy = np.concatenate([b[:, :2], b[:, :2] + b[:, 2:]], 1)
-        iw = np.minimum(xyxy[:, None, 2], xyxy[None, :, 2]) - np.maximum(xyxy[:, None, 0], xyxy[None, :, 0])
-        ih = np.minimum(xyxy[:, None, 3], xyxy[None, :, 3]) - np.maximum(xyxy[:, None, 1], xyxy[None, :, 1])
+        iw = np.minimum(xyxy[:, None, 2], xyxy[None, :, 2]) - np.maximum(
+            xyxy[:, None, 0], xyxy[None, :, 0]
+        )
+        ih = np.minimum(xyxy[:, None, 3], xyxy[None, :, 3]) - np.maximum(
+            xyxy[:, None, 1], xyxy[None, :, 1]
+        )
         inter = (iw > 0) & (ih > 0)
         np.fill_diagonal(inter, False)
         overlapping_images += bool(inter.any())
@@ -264,9 +282,13 @@ def test_concurrent_generation_in_two_processes(tmp_path, monkeypatch):
     ctx = multiprocessing.get_context("fork")  # children inherit the imports: no start-up cost
     queue = ctx.Queue()
     generate = shapes_mod._generate
-    monkeypatch.setattr(shapes_mod, "_generate", lambda *a: queue.put(("generated", None)) or generate(*a))
+    monkeypatch.setattr(
+        shapes_mod, "_generate", lambda *a: queue.put(("generated", None)) or generate(*a)
+    )
     spec = ShapesSpec(seed=6, num_images=6, image_size=(96, 128), object_size=(8, 64))
-    procs = [ctx.Process(target=_ensure_in_child, args=(spec, str(tmp_path), queue)) for _ in range(2)]
+    procs = [
+        ctx.Process(target=_ensure_in_child, args=(spec, str(tmp_path), queue)) for _ in range(2)
+    ]
     for p in procs:
         p.start()
     for p in procs:
@@ -319,14 +341,26 @@ def _write_tiny_coco(folder):
     rng = np.random.default_rng(0)
     images, annotations = [], []
     for i in range(3):
-        cv2.imwrite(str(image_dir / f"im{i}.png"), rng.integers(0, 255, (40, 60, 3), dtype=np.uint8))
+        cv2.imwrite(
+            str(image_dir / f"im{i}.png"), rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)
+        )
         images.append({"id": 10 + i, "file_name": f"im{i}.png", "height": 40, "width": 60})
         for k in range(i + 1):
-            annotations.append({"id": len(annotations) + 1, "image_id": 10 + i, "category_id": (3, 7)[k % 2],
-                                "bbox": [5.0 * k, 4.0, 12.0, 9.0], "area": 108.0, "iscrowd": 0})
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": 10 + i,
+                    "category_id": (3, 7)[k % 2],
+                    "bbox": [5.0 * k, 4.0, 12.0, 9.0],
+                    "area": 108.0,
+                    "iscrowd": 0,
+                }
+            )
     categories = [{"id": 3, "name": "cat"}, {"id": 7, "name": "dog"}]
     json_file = folder / "instances.json"
-    json_file.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    json_file.write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": categories})
+    )
     return str(json_file), str(image_dir)
 
 

@@ -9,6 +9,7 @@ By default it generates into a fresh temporary folder (so the timing is a real
 generation); ``--root`` uses/keeps a cache root instead (an existing valid cache is then
 only validated). Statistics are read back from the COCO JSON with pycocotools.
 """
+
 import argparse
 import contextlib
 import io
@@ -27,17 +28,27 @@ from harnet.data.shapes import DEFAULT_NUM_TRAIN, DEFAULT_NUM_VAL
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--split", choices=["train", "val"], default="train",
-                   help="built-in split defaults: train = seed S, %d images; val = seed S+1, %d images"
-                   % (DEFAULT_NUM_TRAIN, DEFAULT_NUM_VAL))
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--split",
+        choices=["train", "val"],
+        default="train",
+        help="built-in split defaults: train = seed S, %d images; val = seed S+1, %d images"
+        % (DEFAULT_NUM_TRAIN, DEFAULT_NUM_VAL),
+    )
     p.add_argument("--seed", type=int, default=ShapesSpec.seed, help="S (train seed)")
     p.add_argument("--num-images", type=int, default=None)
     p.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("MIN", "MAX"))
     p.add_argument("--object-size", type=float, nargs=2, default=None, metavar=("MIN", "MAX"))
     p.add_argument("--image-format", choices=["jpg", "png"], default=None)
-    p.add_argument("--root", default=None, help="cache root to use and keep (default: a temporary folder)")
-    p.add_argument("--preview", default=None, help="write a PNG mosaic of the first 12 images with boxes")
+    p.add_argument(
+        "--root", default=None, help="cache root to use and keep (default: a temporary folder)"
+    )
+    p.add_argument(
+        "--preview", default=None, help="write a PNG mosaic of the first 12 images with boxes"
+    )
     return p.parse_args(argv)
 
 
@@ -47,7 +58,9 @@ def _hist(values, edges, fmt="{:g}"):
     lines = []
     for lo, hi, c in zip(edges[:-1], edges[1:], counts):
         label = f"[{fmt.format(lo)}, {fmt.format(hi)})"
-        lines.append(f"  {label:>14} {c:6d} {100.0 * c / total:5.1f}% " + "#" * int(round(60 * c / total)))
+        lines.append(
+            f"  {label:>14} {c:6d} {100.0 * c / total:5.1f}% " + "#" * int(round(60 * c / total))
+        )
     return "\n".join(lines)
 
 
@@ -68,11 +81,16 @@ def print_statistics(json_file):
         print(f"  {name:>9} {counts[name]:6d} {100.0 * counts[name] / len(anns):5.1f}%")
     print(f"  head/tail ratio {max(counts.values()) / max(min(counts.values()), 1):.1f}")
 
-    print(f"longer box side (px): min {longer.min():.0f}, median {np.median(longer):.0f}, max {longer.max():.0f}")
+    print(
+        f"longer box side (px): min {longer.min():.0f}, median {np.median(longer):.0f}, "
+        f"max {longer.max():.0f}"
+    )
     print(_hist(longer, [1, 8, 16, 32, 64, 128, 256, 512], "{:.0f}"))
-    small, large = (area < 32 ** 2).mean(), (area >= 96 ** 2).mean()
-    print(f"COCO area buckets (area = visible pixels): small {100 * small:.1f}%, "
-          f"medium {100 * (1 - small - large):.1f}%, large {100 * large:.1f}%")
+    small, large = (area < 32**2).mean(), (area >= 96**2).mean()
+    print(
+        f"COCO area buckets (area = visible pixels): small {100 * small:.1f}%, "
+        f"medium {100 * (1 - small - large):.1f}%, large {100 * large:.1f}%"
+    )
     print("box aspect ratio w/h:")
     print(_hist(aspect, [0, 0.25, 0.5, 0.8, 1.25, 2, 4, 100], "{:g}"))
 
@@ -86,10 +104,12 @@ def print_statistics(json_file):
         pairs = int(np.triu((iw > 0) & (ih > 0), 1).sum())
         overlap_pairs += pairs
         overlap_imgs += pairs > 0
-    print(f"occlusion: {100 * (vis < 1).mean():.1f}% of objects partly hidden (occluded or cut by "
-          f"the border), {100 * (vis < 0.75).mean():.1f}% more than 25% hidden; min visible "
-          f"{vis.min():.2f}; images with overlapping boxes {100 * overlap_imgs / n_img:.1f}%, "
-          f"{overlap_pairs / n_img:.2f} overlapping box pairs per image")
+    print(
+        f"occlusion: {100 * (vis < 1).mean():.1f}% of objects partly hidden (occluded or cut by "
+        f"the border), {100 * (vis < 0.75).mean():.1f}% more than 25% hidden; min visible "
+        f"{vis.min():.2f}; images with overlapping boxes {100 * overlap_imgs / n_img:.1f}%, "
+        f"{overlap_pairs / n_img:.2f} overlapping box pairs per image"
+    )
 
 
 def write_preview(json_file, image_root, path, n=12, cols=4):
@@ -101,36 +121,54 @@ def write_preview(json_file, image_root, path, n=12, cols=4):
         for a in coco.imgToAnns[img_id]:
             x, y, w, h = (int(v) for v in a["bbox"])
             cv2.rectangle(img, (x, y), (x + w - 1, y + h - 1), (0, 255, 0), 1)
-            cv2.putText(img, coco.cats[a["category_id"]]["name"], (x, max(y - 2, 8)),
-                        cv2.FONT_HERSHEY_SIMPLEX, 0.35, (255, 255, 255), 1, cv2.LINE_AA)
+            cv2.putText(
+                img,
+                coco.cats[a["category_id"]]["name"],
+                (x, max(y - 2, 8)),
+                cv2.FONT_HERSHEY_SIMPLEX,
+                0.35,
+                (255, 255, 255),
+                1,
+                cv2.LINE_AA,
+            )
         tiles.append(img)
     h = max(t.shape[0] for t in tiles)
     w = max(t.shape[1] for t in tiles)
-    tiles = [cv2.copyMakeBorder(t, 0, h - t.shape[0], 0, w - t.shape[1], cv2.BORDER_CONSTANT) for t in tiles]
+    tiles = [
+        cv2.copyMakeBorder(t, 0, h - t.shape[0], 0, w - t.shape[1], cv2.BORDER_CONSTANT)
+        for t in tiles
+    ]
     tiles += [np.zeros_like(tiles[0])] * (-len(tiles) % cols)
-    rows = [np.hstack(tiles[i:i + cols]) for i in range(0, len(tiles), cols)]
+    rows = [np.hstack(tiles[i : i + cols]) for i in range(0, len(tiles), cols)]
     cv2.imwrite(path, np.vstack(rows))
     print(f"preview written to {path}")
 
 
 def main(argv=None):
     args = parse_args(argv)
-    kwargs = {"seed": args.seed + (args.split == "val"),
-              "num_images": args.num_images or (DEFAULT_NUM_TRAIN if args.split == "train" else DEFAULT_NUM_VAL)}
+    kwargs = {
+        "seed": args.seed + (args.split == "val"),
+        "num_images": args.num_images
+        or (DEFAULT_NUM_TRAIN if args.split == "train" else DEFAULT_NUM_VAL),
+    }
     for key in ("image_size", "object_size", "image_format"):
         if getattr(args, key) is not None:
             kwargs[key] = getattr(args, key)
     spec = ShapesSpec(**kwargs)
     print(f"spec: {spec}")
     with contextlib.ExitStack() as stack:
-        root = args.root or stack.enter_context(tempfile.TemporaryDirectory(prefix="harnet_shapes_"))
+        root = args.root or stack.enter_context(
+            tempfile.TemporaryDirectory(prefix="harnet_shapes_")
+        )
         wall, cpu = time.perf_counter(), time.process_time()
         json_file, image_root = ensure_shapes(spec, root)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         n = spec.num_images
-        print(f"ensure_shapes: {wall:.2f} s wall, {cpu:.2f} s CPU for {n} images "
-              f"({n / wall:.0f} img/s wall, {1000 * cpu / n:.1f} ms CPU per image); "
-              f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+        print(
+            f"ensure_shapes: {wall:.2f} s wall, {cpu:.2f} s CPU for {n} images "
+            f"({n / wall:.0f} img/s wall, {1000 * cpu / n:.1f} ms CPU per image); "
+            f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+        )
         size = sum(os.path.getsize(os.path.join(image_root, f)) for f in os.listdir(image_root))
         print(f"on disk: {size / 2 ** 20:.1f} MiB of images in {os.path.dirname(json_file)}")
         print_statistics(json_file)

@@ -4,6 +4,7 @@ Importing this package registers ``harnet_shapes_train`` / ``harnet_shapes_val``
 synthetic shapes dataset, generated lazily on first use: see ``harnet.data.shapes``).
 Real data: ``harnet.data.coco_format``.
 """
+
 from .shapes_render import CLASS_NAMES as SHAPES_CLASSES, ShapesSpec  # noqa: F401
 from .shapes import (  # noqa: F401
     SHAPES_TRAIN,

@@ -18,6 +18,7 @@ Any other COCO-format dataset, in one call::
 
 then ``DATASETS.TRAIN=("my_train",)``; evaluation uses Detectron2's ``COCOEvaluator``.
 """
+
 import os
 from typing import Dict, Iterable, List, Optional
 
@@ -27,7 +28,14 @@ from detectron2.data.datasets import load_coco_json
 __all__ = ["register_coco_format", "check_dataset_files", "check_datasets_from_cfg"]
 
 # Metadata attributes that Detectron2's registrations use for on-disk inputs.
-_PATH_KEYS = ("json_file", "image_root", "dirname", "panoptic_root", "panoptic_json", "sem_seg_root")
+_PATH_KEYS = (
+    "json_file",
+    "image_root",
+    "dirname",
+    "panoptic_root",
+    "panoptic_json",
+    "sem_seg_root",
+)
 
 
 def _require(path: str, what: str, name: str, is_dir: bool) -> None:
@@ -121,9 +129,13 @@ def check_dataset_files(names: Iterable[str]) -> None:
             builtin_root = os.getenv("DETECTRON2_DATASETS", "datasets")
             if os.path.normpath(path).startswith(os.path.normpath(builtin_root) + os.sep):
                 root = os.environ.get("DETECTRON2_DATASETS")
-                where = f"DETECTRON2_DATASETS={root}" if root else (
-                    f"DETECTRON2_DATASETS is unset, so Detectron2 uses ./datasets relative to "
-                    f"the working directory {os.getcwd()}"
+                where = (
+                    f"DETECTRON2_DATASETS={root}"
+                    if root
+                    else (
+                        f"DETECTRON2_DATASETS is unset, so Detectron2 uses ./datasets relative to "
+                        f"the working directory {os.getcwd()}"
+                    )
                 )
                 msg += (
                     f" ({where}; builtin datasets such as COCO are expected under that root, "

@@ -23,6 +23,7 @@ Custom sizes: ``register_shapes(name, root, seed=..., num_images=..., image_size
 ``register_shapes_from_cfg(cfg)`` to (re-)register the two built-in names from
 ``cfg.DATASETS.SHAPES`` (call it in the training script's setup, before building loaders).
 """
+
 import hashlib
 import json
 import logging
@@ -116,7 +117,10 @@ def _generate(spec: ShapesSpec, out_dir: str, show_progress: Optional[bool] = No
     sizes: List[int] = []
     start = time.perf_counter()
     for index in tqdm(
-        range(spec.num_images), desc="harnet shapes", unit="img", disable=not show_progress,
+        range(spec.num_images),
+        desc="harnet shapes",
+        unit="img",
+        disable=not show_progress,
         mininterval=0.5,
     ):
         image, anns = render_image(spec, index)
@@ -147,7 +151,8 @@ def _generate(spec: ShapesSpec, out_dir: str, show_progress: Optional[bool] = No
         "images": images,
         "annotations": annotations,
         "categories": [
-            {"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASS_NAMES)
+            {"id": i + 1, "name": name, "supercategory": "shape"}
+            for i, name in enumerate(CLASS_NAMES)
         ],
     }
     json_path = os.path.join(out_dir, _ANNOTATIONS)
@@ -199,7 +204,9 @@ def check_shapes_cache(cache_dir: str, spec: Optional[ShapesSpec] = None) -> Non
     if _sha1_file(json_path) != json_sha1:
         raise ShapesCacheError(f"{json_path} is corrupt (SHA-1 differs from {manifest_path})")
     if len(sizes) != spec.num_images:
-        raise ShapesCacheError(f"{manifest_path} lists {len(sizes)} images, expected {spec.num_images}")
+        raise ShapesCacheError(
+            f"{manifest_path} lists {len(sizes)} images, expected {spec.num_images}"
+        )
     for index, size in enumerate(sizes):
         path = os.path.join(cache_dir, _IMAGES, _image_name(spec, index))
         try:

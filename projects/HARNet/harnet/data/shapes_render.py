@@ -13,6 +13,7 @@ Everything here is a pure function of ``(spec, index)``: ``render_image`` seeds 
 ``numpy.random.Generator`` from ``(spec.seed, index)``, so images can be produced in any
 order (or in parallel) and are byte-identical across runs.
 """
+
 import dataclasses
 import math
 from typing import Dict, List, Optional, Tuple
@@ -80,13 +81,17 @@ class ShapesSpec:
             except (TypeError, ValueError):
                 raise ValueError(f"ShapesSpec.{name} must be a (min, max) pair, got {value!r}")
             if not lo_min <= lo <= hi:
-                raise ValueError(f"ShapesSpec.{name} must satisfy {lo_min} <= min <= max, got {value!r}")
+                raise ValueError(
+                    f"ShapesSpec.{name} must satisfy {lo_min} <= min <= max, got {value!r}"
+                )
             fix(name, (lo, hi))
 
         if int(self.seed) != self.seed or self.seed < 0:
             raise ValueError(f"ShapesSpec.seed must be a non-negative integer, got {self.seed!r}")
         if int(self.num_images) != self.num_images or self.num_images < 1:
-            raise ValueError(f"ShapesSpec.num_images must be a positive integer, got {self.num_images!r}")
+            raise ValueError(
+                f"ShapesSpec.num_images must be a positive integer, got {self.num_images!r}"
+            )
         fix("seed", int(self.seed))
         fix("num_images", int(self.num_images))
         int_range("image_size", 32)
@@ -95,13 +100,18 @@ class ShapesSpec:
         try:
             lo, hi = (float(v) for v in self.object_size)
         except (TypeError, ValueError):
-            raise ValueError(f"ShapesSpec.object_size must be a (min, max) pair, got {self.object_size!r}")
+            raise ValueError(
+                f"ShapesSpec.object_size must be a (min, max) pair, got {self.object_size!r}"
+            )
         if not 4.0 <= lo <= hi:
-            raise ValueError(f"ShapesSpec.object_size must satisfy 4 <= min <= max, got {self.object_size!r}")
+            raise ValueError(
+                f"ShapesSpec.object_size must satisfy 4 <= min <= max, got {self.object_size!r}"
+            )
         fix("object_size", (lo, hi))
         if not 0.0 < self.max_object_fraction <= 1.0:
             raise ValueError(
-                f"ShapesSpec.max_object_fraction must be in (0, 1], got {self.max_object_fraction!r}"
+                f"ShapesSpec.max_object_fraction must be in (0, 1], "
+                f"got {self.max_object_fraction!r}"
             )
         if lo > self.max_object_fraction * self.image_size[0]:
             raise ValueError(
@@ -117,14 +127,19 @@ class ShapesSpec:
         fix("class_weights", weights)
         if not 0.0 < self.min_visible_fraction <= 1.0:
             raise ValueError(
-                f"ShapesSpec.min_visible_fraction must be in (0, 1], got {self.min_visible_fraction!r}"
+                f"ShapesSpec.min_visible_fraction must be in (0, 1], "
+                f"got {self.min_visible_fraction!r}"
             )
         if not 0.0 <= self.occlusion_prob <= 1.0:
-            raise ValueError(f"ShapesSpec.occlusion_prob must be in [0, 1], got {self.occlusion_prob!r}")
+            raise ValueError(
+                f"ShapesSpec.occlusion_prob must be in [0, 1], got {self.occlusion_prob!r}"
+            )
         fmt = str(self.image_format).lower().lstrip(".")
         fmt = "jpg" if fmt == "jpeg" else fmt
         if fmt not in ("jpg", "png"):
-            raise ValueError(f"ShapesSpec.image_format must be 'jpg' or 'png', got {self.image_format!r}")
+            raise ValueError(
+                f"ShapesSpec.image_format must be 'jpg' or 'png', got {self.image_format!r}"
+            )
         fix("image_format", fmt)
 
     def to_dict(self) -> Dict:
@@ -161,8 +176,20 @@ def _unit_polygon(cls_name: str, rng: np.random.Generator) -> Tuple[np.ndarray, 
     if cls_name == "cross":
         a = rng.uniform(0.18, 0.3)
         pts = np.array(
-            [[a, 1], [a, a], [1, a], [1, -a], [a, -a], [a, -1],
-             [-a, -1], [-a, -a], [-1, -a], [-1, a], [-a, a], [-a, 1]],
+            [
+                [a, 1],
+                [a, a],
+                [1, a],
+                [1, -a],
+                [a, -a],
+                [a, -1],
+                [-a, -1],
+                [-a, -a],
+                [-1, -a],
+                [-1, a],
+                [-a, a],
+                [-a, 1],
+            ],
             dtype=np.float64,
         )
         stretch = math.exp(rng.uniform(math.log(0.5), math.log(2.0)))
@@ -226,7 +253,9 @@ def _mean_color(region: np.ndarray, mask: Optional[np.ndarray] = None) -> np.nda
     return np.array(cv2.mean(region, mask.view(np.uint8))[:3])
 
 
-def _random_color(rng: np.random.Generator, avoid: np.ndarray, min_dist: float = 100.0) -> np.ndarray:
+def _random_color(
+    rng: np.random.Generator, avoid: np.ndarray, min_dist: float = 100.0
+) -> np.ndarray:
     """A colour at least ``min_dist`` (RGB L2) from ``avoid`` when one is found quickly."""
     for _ in range(10):
         color = rng.uniform(0, 255, size=3)
@@ -273,7 +302,9 @@ def _draw_scribbles(rng: np.random.Generator, canvas: np.ndarray, count: int) ->
         pts = np.stack([rng.uniform(0, w, n), rng.uniform(0, h, n)], 1)
         fixed = np.round(pts * (1 << _SUBPIXEL_BITS)).astype(np.int32)
         color = tuple(float(c) for c in rng.uniform(0, 255, 3))
-        cv2.polylines(canvas, [fixed], False, color, int(rng.integers(1, 4)), cv2.LINE_AA, _SUBPIXEL_BITS)
+        cv2.polylines(
+            canvas, [fixed], False, color, int(rng.integers(1, 4)), cv2.LINE_AA, _SUBPIXEL_BITS
+        )
 
 
 class _Occupancy:
@@ -327,7 +358,9 @@ def _log_uniform(rng: np.random.Generator, lo: float, hi: float) -> float:
     return float(math.exp(rng.uniform(math.log(lo), math.log(hi)))) if hi > lo else float(lo)
 
 
-def _object_sizes(rng: np.random.Generator, spec: ShapesSpec, n: int, short_side: int) -> List[float]:
+def _object_sizes(
+    rng: np.random.Generator, spec: ShapesSpec, n: int, short_side: int
+) -> List[float]:
     lo = spec.object_size[0]
     hi = max(lo, min(spec.object_size[1], spec.max_object_fraction * short_side))
     sizes = [_log_uniform(rng, lo, hi) for _ in range(n)]
@@ -357,7 +390,9 @@ def render_image(spec: ShapesSpec, index: int) -> Tuple[np.ndarray, List[Dict]]:
     n_scribbles = int(rng.binomial(n_clutter, 0.35))
     _draw_scribbles(rng, canvas, n_scribbles)
     occ = _Occupancy(h, w, spec.min_visible_fraction)
-    blob_hi = max(spec.object_size[0], 0.5 * min(spec.object_size[1], spec.max_object_fraction * short))
+    blob_hi = max(
+        spec.object_size[0], 0.5 * min(spec.object_size[1], spec.max_object_fraction * short)
+    )
     for _ in range(n_clutter - n_scribbles):
         alpha = _rasterize(*_blob_polygon(rng), _log_uniform(rng, spec.object_size[0], blob_hi))
         x0 = int(rng.integers(-alpha.shape[1] // 2, w - alpha.shape[1] // 2))
@@ -384,8 +419,12 @@ def render_image(spec: ShapesSpec, index: int) -> Tuple[np.ndarray, List[Dict]]:
                 # overlap an existing object: centre within 0.6x the half-sum of extents
                 j = int(rng.integers(len(occ.visible)))
                 ys, xs = occ.regions[j]
-                cx = 0.5 * (xs.start + xs.stop) + rng.uniform(-0.6, 0.6) * 0.5 * (xs.stop - xs.start + pw)
-                cy = 0.5 * (ys.start + ys.stop) + rng.uniform(-0.6, 0.6) * 0.5 * (ys.stop - ys.start + ph)
+                cx = 0.5 * (xs.start + xs.stop) + rng.uniform(-0.6, 0.6) * 0.5 * (
+                    xs.stop - xs.start + pw
+                )
+                cy = 0.5 * (ys.start + ys.stop) + rng.uniform(-0.6, 0.6) * 0.5 * (
+                    ys.stop - ys.start + ph
+                )
             else:  # up to ~25% of the object may fall outside the image
                 cx = rng.uniform(0.25 * pw, max(w - 0.25 * pw, 0.25 * pw + 1))
                 cy = rng.uniform(0.25 * ph, max(h - 0.25 * ph, 0.25 * ph + 1))
@@ -406,7 +445,10 @@ def render_image(spec: ShapesSpec, index: int) -> Tuple[np.ndarray, List[Dict]]:
     # Occasional distractor in front of objects: clutter also occludes.
     if n_clutter and rng.uniform() < 0.3:
         alpha = _rasterize(*_blob_polygon(rng), _log_uniform(rng, spec.object_size[0], blob_hi))
-        x0, y0 = int(rng.integers(0, w)) - alpha.shape[1] // 2, int(rng.integers(0, h)) - alpha.shape[0] // 2
+        x0, y0 = (
+            int(rng.integers(0, w)) - alpha.shape[1] // 2,
+            int(rng.integers(0, h)) - alpha.shape[0] // 2,
+        )
         region = occ.try_place(alpha, x0, y0, is_object=False)
         if region is not None:
             color = _random_color(rng, _mean_color(canvas[region[0]]), 40.0)

@@ -168,18 +168,17 @@ class HARRetinaNetHead(RetinaNetHead):
         nn.init.constant_(norms[-1].weight, last_norm_init)
         return norms
 
-    @classmethod
-    def from_config(cls, cfg, input_shape: List[ShapeSpec]):
-        ret = super().from_config(cfg, input_shape)
+    @staticmethod
+    def check_config(cfg, num_levels: int, channels: int) -> None:
+        """Raise ValueError, naming the key, for MODEL.HARNET.{CLGN,SPATIAL,CHANNEL} values
+        that cannot build a head of ``num_levels`` levels with ``channels`` channels."""
         har = cfg.MODEL.HARNET
-        num_levels = len(input_shape)
         if har.CLGN.ENABLED:
             if cfg.MODEL.RETINANET.NORM:
                 raise ValueError(
                     f"MODEL.RETINANET.NORM={cfg.MODEL.RETINANET.NORM!r} cannot be combined with "
                     "MODEL.HARNET.CLGN.ENABLED=True (both normalise the towers); set one of them off"
                 )
-            channels = input_shape[0].channels
             if har.CLGN.NUM_GROUPS <= 0 or channels % har.CLGN.NUM_GROUPS != 0:
                 raise ValueError(
                     f"MODEL.HARNET.CLGN.NUM_GROUPS={har.CLGN.NUM_GROUPS} must be a positive "
@@ -220,6 +219,12 @@ class HARRetinaNetHead(RetinaNetHead):
                 )
         if har.CHANNEL.ENABLED and har.CHANNEL.HIDDEN <= 0:
             raise ValueError(f"MODEL.HARNET.CHANNEL.HIDDEN={har.CHANNEL.HIDDEN} must be positive")
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: List[ShapeSpec]):
+        cls.check_config(cfg, len(input_shape), input_shape[0].channels)
+        ret = super().from_config(cfg, input_shape)
+        har = cfg.MODEL.HARNET
         ret.update(
             clgn_num_groups=har.CLGN.NUM_GROUPS if har.CLGN.ENABLED else 0,
             clgn_last_norm_init=har.CLGN.LAST_NORM_INIT,

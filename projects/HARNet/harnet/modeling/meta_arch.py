@@ -75,6 +75,11 @@ class HARRetinaNet(RetinaNet):
 
     @classmethod
     def from_config(cls, cfg):
+        # Before RetinaNet.from_config, which builds (and we replace) a plain RetinaNetHead
+        # that would fail on some of these with an error not naming the key.
+        HARRetinaNetHead.check_config(
+            cfg, len(cfg.MODEL.RETINANET.IN_FEATURES), cfg.MODEL.FPN.OUT_CHANNELS
+        )
         ret = super().from_config(cfg)
         feature_shapes = [ret["backbone"].output_shape()[f] for f in cfg.MODEL.RETINANET.IN_FEATURES]
         ret["head"] = HARRetinaNetHead(cfg, feature_shapes)

@@ -197,7 +197,10 @@ def check_shapes_cache(cache_dir: str, spec: Optional[ShapesSpec] = None) -> Non
                 f"(fingerprint {fingerprint}, expected {_fingerprint(spec)})"
             )
     else:
-        spec = ShapesSpec(**spec_dict)
+        try:
+            spec = ShapesSpec(**spec_dict)
+        except (TypeError, ValueError) as e:
+            raise ShapesCacheError(f"{manifest_path} has an invalid spec: {e}") from e
     json_path = os.path.join(cache_dir, _ANNOTATIONS)
     if not os.path.isfile(json_path):
         raise ShapesCacheError(f"{json_path} is missing")
@@ -232,9 +235,13 @@ def _place(tmp_dir: str, cache_dir: str, spec: ShapesSpec) -> None:
     try:
         os.rename(tmp_dir, cache_dir)
         return
-    except OSError:
-        if _is_valid(cache_dir, spec) is not None:
-            raise
+    except OSError as e:
+        reason = _is_valid(cache_dir, spec)
+        if reason is not None:
+            raise ShapesCacheError(
+                f"cannot move the generated dataset {tmp_dir} to {cache_dir} ({e}), "
+                f"and the folder there is not a valid dataset: {reason}"
+            ) from e
     shutil.rmtree(tmp_dir, ignore_errors=True)
 
 

@@ -11,7 +11,8 @@ Box convention (COCO's): the box of an object is the tight box of its **visible*
 
 Everything here is a pure function of ``(spec, index)``: ``render_image`` seeds its own
 ``numpy.random.Generator`` from ``(spec.seed, index)``, so images can be produced in any
-order (or in parallel) and are byte-identical across runs.
+order (or in parallel) and are byte-identical across runs (given the same numpy and
+OpenCV versions).
 """
 
 import dataclasses

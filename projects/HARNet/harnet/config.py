@@ -97,11 +97,57 @@ def _add_model_config(cfg):
 
 
 def _add_postprocess_config(cfg):
-    """Post-processing: NMS type (hard / soft), box voting."""
+    """Post-processing: NMS type (hard / soft), box voting (reference, section 5).
+
+    Read by ``harnet.layers.postprocess_params_from_cfg`` (checked there, errors name the
+    key). Detectron2's own keys still apply: ``MODEL.RETINANET.SCORE_THRESH_TEST`` and
+    ``TOPK_CANDIDATES_TEST`` select the candidates, ``MODEL.RETINANET.NMS_THRESH_TEST`` is
+    the IoU threshold of hard NMS and linear soft-NMS, ``TEST.DETECTIONS_PER_IMAGE`` caps
+    the detections. The defaults are Detectron2's RetinaNet post-processing.
+    """
+    pp = cfg.MODEL.HARNET.POSTPROCESS = CN()
+    # Per-category suppression of each image's candidates: "hard" (NMS, Detectron2's
+    # default), "linear" soft-NMS (score * (1 - IoU) above NMS_THRESH_TEST) or "gaussian"
+    # soft-NMS (score * exp(-IoU^2 / SOFT_NMS_SIGMA); the authors' choice).
+    pp.NMS_TYPE = "hard"
+    # Width of the Gaussian soft-NMS decay (authors: 0.5).
+    pp.SOFT_NMS_SIGMA = 0.5
+    # Soft-NMS drops a box once its decayed score falls below this (authors: 0.001).
+    pp.SOFT_NMS_MIN_SCORE = 0.001
+    # After suppression (and voting), drop detections scoring below this; 0 keeps them all
+    # (Detectron2). The authors' released test keeps scores >= 0.05.
+    pp.MIN_SCORE = 0.0
+    pp.VOTING = CN()
+    # Box voting after suppression: each kept box becomes the score-weighted mean of the
+    # same-category candidates overlapping it by at least IOU_THRESH.
+    pp.VOTING.ENABLED = False
+    # Minimum IoU of a voter with the kept box (authors: 0.6; Detectron: 0.8).
+    pp.VOTING.IOU_THRESH = 0.6
+    # Score of a voted box: "max" (max voter score, the paper), "keep" (unchanged), "avg"
+    # (mean voter score), "caffe" (the authors' released rule: the kept box and its <= 4
+    # best unclaimed neighbours, summed score / 5).
+    pp.VOTING.SCORING = "max"
 
 
 def _add_tta_config(cfg):
-    """Test-time augmentation merge settings (scales/flip come from cfg.TEST.AUG)."""
+    """Test-time augmentation merge settings of ``harnet.HARRetinaNetWithTTA``.
+
+    The views come from Detectron2's keys: ``TEST.AUG.ENABLED`` (evaluate with TTA too),
+    ``TEST.AUG.MIN_SIZES`` (short sides), ``TEST.AUG.MAX_SIZE``, ``TEST.AUG.FLIP``. Every
+    view's candidates are mapped back to the original image, concatenated and suppressed
+    once with the model's MODEL.HARNET.POSTPROCESS settings.
+    """
+    ss = cfg.TEST.AUG.SIZE_SELECT = CN()
+    # Size-dependent selection (Detectron's SCALE_SIZE_DEP): views up-scaled relative to
+    # the plain test scale (INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST) contribute no large
+    # boxes, down-scaled views no small boxes; views at the test scale contribute all.
+    # So small objects come from the larger scales, large objects from the smaller ones.
+    ss.ENABLED = False
+    # Area (original-image pixels^2) below which a box is small: dropped from down-scaled
+    # views.
+    ss.SMALL_AREA = 50.0**2
+    # Area above which a box is large: dropped from up-scaled views.
+    ss.LARGE_AREA = 180.0**2
 
 
 def _add_data_config(cfg):

@@ -4,36 +4,158 @@ CONTRACT (used by harnet.modeling.meta_arch and harnet.tta; keep the signature):
 
     suppress_detections(boxes, scores, classes, *, nms_type="hard", iou_threshold=0.5,
                         soft_nms_sigma=0.5, soft_nms_min_score=0.001, voting=False,
-                        voting_iou=0.6, voting_scoring="max", max_detections=100)
+                        voting_iou=0.6, voting_scoring="max", max_detections=100,
+                        min_score=0.0)
         -> (boxes Tensor[K,4], scores Tensor[K], classes Tensor[K] int64), sorted by
            decreasing score, K <= max_detections.
 
 With nms_type="hard" and voting=False it must equal Detectron2 RetinaNet's
 `batched_nms(boxes, scores, classes, iou_threshold)[:max_detections]`.
 """
+from typing import Tuple
+
+import torch
+from torch import Tensor
 from torchvision.ops import batched_nms
+
+from .box_voting import VOTING_SCORINGS, batched_box_voting
+from .soft_nms import SOFT_NMS_METHODS, batched_soft_nms
+
+__all__ = ["suppress_detections", "postprocess_params_from_cfg"]
 
 
 def suppress_detections(
-    boxes, scores, classes, *, nms_type="hard", iou_threshold=0.5, soft_nms_sigma=0.5,
-    soft_nms_min_score=0.001, voting=False, voting_iou=0.6, voting_scoring="max",
-    max_detections=100,
-):
-    # TEMPORARY until the inference issue lands: hard NMS only.
-    if nms_type != "hard" or voting:
-        raise NotImplementedError(f"nms_type={nms_type!r}, voting={voting} not implemented yet")
-    keep = batched_nms(boxes, scores, classes, iou_threshold)[:max_detections]
-    return boxes[keep], scores[keep], classes[keep]
+    boxes: Tensor,
+    scores: Tensor,
+    classes: Tensor,
+    *,
+    nms_type: str = "hard",
+    iou_threshold: float = 0.5,
+    soft_nms_sigma: float = 0.5,
+    soft_nms_min_score: float = 0.001,
+    voting: bool = False,
+    voting_iou: float = 0.6,
+    voting_scoring: str = "max",
+    max_detections: int = 100,
+    min_score: float = 0.0,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """
+    Suppresses duplicate detections of one image, per category: (soft-)NMS, then optional
+    box voting, then the best ``max_detections``.
+
+    Args:
+        boxes (Tensor[N, 4]): candidate boxes ``(x1, y1, x2, y2)``.
+        scores (Tensor[N]): their scores (probabilities).
+        classes (Tensor[N]): their integer categories.
+        nms_type (str): ``"hard"`` (torchvision's ``batched_nms``, Detectron2's default),
+            ``"linear"`` or ``"gaussian"`` soft-NMS (:func:`batched_soft_nms`).
+        iou_threshold (float): IoU threshold of hard NMS and linear soft-NMS.
+        soft_nms_sigma (float): Gaussian soft-NMS's sigma.
+        soft_nms_min_score (float): soft-NMS drops boxes whose decayed score falls below it.
+        voting (bool): refine the kept boxes by :func:`batched_box_voting` with the
+            candidates.
+        voting_iou (float): box voting's IoU threshold.
+        voting_scoring (str): box voting's scoring rule (``"max"``, ``"keep"``, ``"avg"``,
+            ``"caffe"``).
+        max_detections (int): keep at most this many detections (the best scores).
+        min_score (float): then drop detections scoring below it (0 keeps all; the
+            authors' released test keeps scores >= 0.05).
+
+    Returns:
+        boxes (Tensor[K, 4]), scores (Tensor[K]), classes (Tensor[K] int64): the kept
+        detections sorted by decreasing score, ``K <= max_detections``. With
+        ``nms_type="hard"`` and no voting: exactly
+        ``batched_nms(boxes, scores, classes, iou_threshold)[:max_detections]``.
+    """
+    if nms_type not in SOFT_NMS_METHODS:
+        raise ValueError(f"nms_type must be one of {SOFT_NMS_METHODS}, got {nms_type!r}")
+    if voting and voting_scoring not in VOTING_SCORINGS:
+        raise ValueError(f"voting_scoring must be one of {VOTING_SCORINGS}, got {voting_scoring!r}")
+    if int(max_detections) < 0:
+        raise ValueError(f"max_detections must be >= 0, got {max_detections}")
+    if nms_type == "hard":
+        keep = batched_nms(boxes, scores, classes, iou_threshold)
+        new_scores = scores[keep]
+    else:
+        keep, new_scores = batched_soft_nms(
+            boxes, scores, classes, method=nms_type, sigma=soft_nms_sigma,
+            iou_threshold=iou_threshold, score_threshold=soft_nms_min_score,
+        )
+    kept_boxes, kept_classes = boxes[keep], classes[keep]
+    if voting:
+        # Vote with all kept boxes: the new scores can change which ones make the top K.
+        kept_boxes, new_scores = batched_box_voting(
+            kept_boxes, new_scores, kept_classes, boxes, scores, classes,
+            iou_threshold=voting_iou, scoring=voting_scoring,
+        )
+        if voting_scoring != "keep":
+            new_scores, order = torch.sort(new_scores, descending=True, stable=True)
+            kept_boxes, kept_classes = kept_boxes[order], kept_classes[order]
+    kept_boxes = kept_boxes[:max_detections]
+    new_scores = new_scores[:max_detections]
+    kept_classes = kept_classes[:max_detections]
+    if min_score > 0:
+        above = new_scores >= min_score
+        kept_boxes, new_scores, kept_classes = kept_boxes[above], new_scores[above], kept_classes[above]
+    return kept_boxes, new_scores, kept_classes
 
 
-def postprocess_params_from_cfg(cfg):
+def postprocess_params_from_cfg(cfg) -> dict:
     """Keyword arguments of :func:`suppress_detections` from a Detectron2 config.
 
     CONTRACT: HARRetinaNet.from_config stores this dict and passes it to
-    suppress_detections; the inference issue extends it with its config keys.
+    suppress_detections.
+
+    Reads ``cfg.MODEL.HARNET.POSTPROCESS`` (see ``harnet.config``), the IoU threshold of
+    hard NMS / linear soft-NMS from ``MODEL.RETINANET.NMS_THRESH_TEST`` and the number of
+    detections from ``TEST.DETECTIONS_PER_IMAGE``. A config without
+    ``MODEL.HARNET.POSTPROCESS`` gets Detectron2's RetinaNet post-processing (hard NMS).
+    Invalid values raise ``ValueError`` naming the key.
     """
-    return dict(
-        nms_type="hard",
-        iou_threshold=cfg.MODEL.RETINANET.NMS_THRESH_TEST,
-        max_detections=cfg.TEST.DETECTIONS_PER_IMAGE,
+    nms_thresh = float(cfg.MODEL.RETINANET.NMS_THRESH_TEST)
+    _check(0 <= nms_thresh <= 1, "MODEL.RETINANET.NMS_THRESH_TEST", "in [0, 1]", nms_thresh)
+    detections = cfg.TEST.DETECTIONS_PER_IMAGE
+    _check(
+        isinstance(detections, int) and detections > 0, "TEST.DETECTIONS_PER_IMAGE",
+        "a positive integer", detections,
     )
+    params = dict(nms_type="hard", iou_threshold=nms_thresh, max_detections=detections)
+    harnet = cfg.MODEL.get("HARNET", None)
+    pp = harnet.get("POSTPROCESS", None) if harnet is not None else None
+    if pp is None:
+        return params
+
+    key = "MODEL.HARNET.POSTPROCESS."
+    _check(pp.NMS_TYPE in SOFT_NMS_METHODS, key + "NMS_TYPE", f"one of {SOFT_NMS_METHODS}",
+           pp.NMS_TYPE)
+    _check(_is_number(pp.SOFT_NMS_SIGMA) and pp.SOFT_NMS_SIGMA > 0, key + "SOFT_NMS_SIGMA",
+           "> 0", pp.SOFT_NMS_SIGMA)
+    _check(_is_number(pp.SOFT_NMS_MIN_SCORE) and 0 <= pp.SOFT_NMS_MIN_SCORE < 1,
+           key + "SOFT_NMS_MIN_SCORE", "in [0, 1)", pp.SOFT_NMS_MIN_SCORE)
+    _check(_is_number(pp.MIN_SCORE) and 0 <= pp.MIN_SCORE < 1, key + "MIN_SCORE",
+           "in [0, 1)", pp.MIN_SCORE)
+    _check(isinstance(pp.VOTING.ENABLED, bool), key + "VOTING.ENABLED", "True or False",
+           pp.VOTING.ENABLED)
+    _check(_is_number(pp.VOTING.IOU_THRESH) and 0 <= pp.VOTING.IOU_THRESH <= 1,
+           key + "VOTING.IOU_THRESH", "in [0, 1]", pp.VOTING.IOU_THRESH)
+    _check(pp.VOTING.SCORING in VOTING_SCORINGS, key + "VOTING.SCORING",
+           f"one of {VOTING_SCORINGS}", pp.VOTING.SCORING)
+    params.update(
+        nms_type=pp.NMS_TYPE,
+        soft_nms_sigma=float(pp.SOFT_NMS_SIGMA),
+        soft_nms_min_score=float(pp.SOFT_NMS_MIN_SCORE),
+        voting=pp.VOTING.ENABLED,
+        voting_iou=float(pp.VOTING.IOU_THRESH),
+        voting_scoring=pp.VOTING.SCORING,
+        min_score=float(pp.MIN_SCORE),
+    )
+    return params
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x
+
+
+def _check(ok: bool, key: str, expected: str, value) -> None:
+    if not ok:
+        raise ValueError(f"cfg.{key} must be {expected}, got {value!r}")

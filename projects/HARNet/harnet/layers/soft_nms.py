@@ -1,0 +1,276 @@
+"""Soft-NMS (Bodla et al., ICCV 2017), vectorised over boxes and categories.
+
+Greedy definition, per category: take the box with the highest remaining score and keep it
+with that score; multiply the score of every other remaining box by ``w(IoU)`` with the kept
+box; drop the boxes whose score fell below ``score_threshold``; repeat until none remain.
+
+Categories are independent, so all of them advance together: at every greedy step each
+category picks its own best box. The loop runs as many steps as the largest category keeps
+boxes (not as many as the image keeps), and each step is a handful of tensor ops over all
+remaining boxes of all categories. When it fits in memory the decay weights of every
+same-category pair are computed once; otherwise they are computed per step.
+"""
+from typing import Tuple
+
+import torch
+from torch import Tensor
+from torchvision.ops import batched_nms as _tv_batched_nms
+
+from ._box_ops import check_boxes, check_same_device, check_scores, elementwise_iou
+
+__all__ = ["soft_nms", "batched_soft_nms", "SOFT_NMS_METHODS"]
+
+SOFT_NMS_METHODS = ("gaussian", "linear", "hard")
+
+# Largest number of same-category pair weights (rows x boxes x boxes, padded) computed up
+# front; above it (the usual case) each greedy step computes the IoU of the picked boxes
+# with their rows. Computing all pairs costs as much as a row's length in greedy steps, so
+# it only pays for small problems, where per-op overhead dominates (measured on CPU).
+_PAIR_WEIGHTS_BUDGET = 1 << 15
+# Greedy steps between checks for termination / compaction (each check syncs on GPU).
+_CHECK_EVERY = 8
+
+
+def soft_nms(
+    boxes: Tensor,
+    scores: Tensor,
+    method: str = "gaussian",
+    sigma: float = 0.5,
+    iou_threshold: float = 0.3,
+    score_threshold: float = 0.001,
+) -> Tuple[Tensor, Tensor]:
+    """
+    Performs soft non-maximum suppression (soft-NMS) on the boxes.
+
+    Greedily takes the box with the highest remaining score, keeps it with that score and
+    decays the score of every other remaining box by ``w(IoU)`` with it:
+
+    - ``"gaussian"``: ``w = exp(-IoU^2 / sigma)``;
+    - ``"linear"``: ``w = 1 - IoU`` if ``IoU > iou_threshold`` else 1;
+    - ``"hard"``: ``w = 0`` if ``IoU > iou_threshold`` else 1 (plain NMS).
+
+    Boxes whose decayed score falls below ``score_threshold`` are dropped, as are boxes whose
+    weight is 0 (suppressed by hard NMS, or exact duplicates under linear soft-NMS). Boxes
+    that start below ``score_threshold`` are never kept. Hence with ``method="hard"``,
+    ``keep`` equals ``torchvision.ops.nms`` on the boxes scoring at least
+    ``score_threshold`` (all of them when ``score_threshold <= scores.min()``), and
+    ``new_scores`` equals ``scores[keep]``. Among equal scores, the lower index is taken
+    first.
+
+    Args:
+        boxes (Tensor[N, 4]): boxes in ``(x1, y1, x2, y2)`` format with
+            ``x1 <= x2`` and ``y1 <= y2`` (continuous coordinates, as in
+            Detectron2: IoU uses no "+1").
+        scores (Tensor[N]): scores for each one of the boxes, non-negative for the soft
+            methods (e.g. probabilities).
+        method (str): ``"gaussian"``, ``"linear"`` or ``"hard"``.
+        sigma (float): width of the Gaussian decay (used by ``"gaussian"`` only), > 0.
+        iou_threshold (float): IoU above which ``"linear"`` and ``"hard"`` decay a box.
+        score_threshold (float): boxes whose (decayed) score is below it are dropped.
+
+    Returns:
+        keep (Tensor[K]): int64 tensor with the indices of the kept boxes, sorted in
+            decreasing order of their decayed scores.
+        new_scores (Tensor[K]): the decayed scores of the kept boxes (same dtype as
+            ``scores``), in the same order.
+    """
+    check_boxes(boxes, "boxes")
+    check_scores(scores, boxes.shape[0], "scores", "boxes")
+    idxs = torch.zeros(boxes.shape[0], dtype=torch.int64, device=boxes.device)
+    return _soft_nms_checked(
+        boxes, scores, idxs, method, sigma, iou_threshold, score_threshold
+    )
+
+
+def batched_soft_nms(
+    boxes: Tensor,
+    scores: Tensor,
+    idxs: Tensor,
+    method: str = "gaussian",
+    sigma: float = 0.5,
+    iou_threshold: float = 0.3,
+    score_threshold: float = 0.001,
+) -> Tuple[Tensor, Tensor]:
+    """
+    Performs soft non-maximum suppression in a batched fashion.
+
+    Each index value correspond to a category, and soft-NMS (see :func:`soft_nms`) is
+    applied independently per category: boxes of different categories never decay each
+    other. All categories are processed together in one pass.
+
+    Args:
+        boxes (Tensor[N, 4]): boxes in ``(x1, y1, x2, y2)`` format with
+            ``x1 <= x2`` and ``y1 <= y2``.
+        scores (Tensor[N]): scores for each one of the boxes.
+        idxs (Tensor[N]): integer indices of the categories for each one of the boxes.
+        method, sigma, iou_threshold, score_threshold: as in :func:`soft_nms`.
+
+    Returns:
+        keep (Tensor[K]): int64 tensor with the indices of the kept boxes, sorted in
+            decreasing order of their decayed scores (over all categories).
+        new_scores (Tensor[K]): the decayed scores of the kept boxes, in the same order.
+    """
+    check_boxes(boxes, "boxes")
+    check_scores(scores, boxes.shape[0], "scores", "boxes")
+    if not isinstance(idxs, Tensor):
+        raise TypeError(f"idxs must be a torch.Tensor, got {type(idxs).__name__}")
+    if idxs.dim() != 1 or idxs.shape[0] != boxes.shape[0]:
+        raise ValueError(
+            f"idxs must have shape [N] with N = len(boxes) = {boxes.shape[0]}, "
+            f"got {list(idxs.shape)}"
+        )
+    if idxs.is_floating_point() or idxs.is_complex() or idxs.dtype == torch.bool:
+        raise TypeError(f"idxs must be an integer tensor, got {idxs.dtype}")
+    return _soft_nms_checked(
+        boxes, scores, idxs, method, sigma, iou_threshold, score_threshold
+    )
+
+
+def _soft_nms_checked(boxes, scores, idxs, method, sigma, iou_threshold, score_threshold):
+    check_same_device(boxes=boxes, scores=scores, idxs=idxs)
+    if method not in SOFT_NMS_METHODS:
+        raise ValueError(f"method must be one of {SOFT_NMS_METHODS}, got {method!r}")
+    if method == "gaussian" and not sigma > 0:
+        raise ValueError(f"sigma must be > 0 for Gaussian soft-NMS, got {sigma}")
+    if method != "gaussian" and not 0 <= iou_threshold <= 1:
+        raise ValueError(f"iou_threshold must be in [0, 1], got {iou_threshold}")
+    if score_threshold != score_threshold:  # NaN
+        raise ValueError("score_threshold must not be NaN")
+    if method != "hard" and scores.numel() and bool((scores < 0).any()):
+        # Multiplicative decay assumes scores >= 0 (decaying a negative score raises it).
+        raise ValueError("scores must be non-negative for soft-NMS (e.g. probabilities)")
+
+    candidates = torch.nonzero(scores >= score_threshold).squeeze(1)
+    if method == "hard":
+        # Hard NMS never changes a surviving score: torchvision's kernel gives the same keep.
+        keep = candidates[
+            _tv_batched_nms(
+                boxes[candidates], scores[candidates], idxs[candidates], float(iou_threshold)
+            )
+        ]
+        return keep, scores[keep]
+    return _greedy_soft_nms(
+        boxes, scores, idxs, candidates, method, float(sigma), float(iou_threshold),
+        float(score_threshold),
+    )
+
+
+def _decay_weights(iou: Tensor, method: str, sigma: float, iou_threshold: float) -> Tensor:
+    if method == "gaussian":
+        return torch.exp(-(iou * iou) / sigma)
+    if method == "linear":
+        return torch.where(iou > iou_threshold, 1 - iou, torch.ones_like(iou))
+    return (iou <= iou_threshold).to(iou.dtype)  # "hard"
+
+
+def _greedy_soft_nms(
+    boxes: Tensor,
+    scores: Tensor,
+    idxs: Tensor,
+    candidates: Tensor,
+    method: str,
+    sigma: float,
+    iou_threshold: float,
+    score_threshold: float,
+    pair_weights_budget: int = _PAIR_WEIGHTS_BUDGET,
+) -> Tuple[Tensor, Tensor]:
+    """The greedy loop, all categories in parallel (also usable with ``method="hard"``)."""
+    device = boxes.device
+    out_dtype = scores.dtype
+    # Half precision is too coarse for IoU and repeated decays.
+    dtype = torch.promote_types(scores.dtype, torch.float32)
+    n = candidates.numel()
+    if n == 0:
+        return candidates, scores[candidates]
+
+    # Layout: one row per category, its boxes packed from the left in index order
+    # (so that a row's first maximum is its lowest-index box); -inf marks no/dead box.
+    cls, order = torch.sort(idxs[candidates], stable=True)
+    orig = candidates[order]
+    _, counts = torch.unique_consecutive(cls, return_counts=True)
+    num_rows, num_cols = counts.numel(), int(counts.max())
+    row = torch.repeat_interleave(torch.arange(num_rows, device=device), counts)
+    col = torch.arange(n, device=device) - (torch.cumsum(counts, 0) - counts)[row]
+    S = torch.full((num_rows, num_cols), float("-inf"), dtype=dtype, device=device)
+    S[row, col] = scores[orig].to(dtype)
+    # Coordinates as four contiguous planes: strided (..., 4) views are several times slower.
+    C = torch.zeros((4, num_rows, num_cols), dtype=dtype, device=device)
+    C[:, row, col] = boxes[orig].to(dtype).t()
+    index = torch.full((num_rows, num_cols), -1, dtype=torch.int64, device=device)
+    index[row, col] = orig
+    area = (C[2] - C[0]) * (C[3] - C[1])
+    # Zero weights only come from "hard"/"linear" (or Gaussian underflow); they must drop a
+    # box even when score_threshold <= 0.
+    check_zero = method != "gaussian" or score_threshold <= 0
+    neg_inv_sigma = -1.0 / sigma
+
+    def pair_weights():
+        # All same-row pair weights cost as much as as many greedy steps as the row is long,
+        # which is at least as many as remain: only worth it while per-op overhead dominates.
+        if S.shape[0] * S.shape[1] * S.shape[1] > pair_weights_budget:
+            return None
+        B = C.permute(1, 2, 0)
+        return _decay_weights(
+            elementwise_iou(B[:, :, None, :], B[:, None, :, :]), method, sigma, iou_threshold
+        )
+
+    W = pair_weights()
+    kept_index, kept_scores = [], []
+    step, next_check = 0, 1
+    while True:
+        best, j = S.max(dim=1)  # first maximum: the lowest index among ties
+        j = j[:, None]
+        kept_index.append(index.gather(1, j))
+        kept_scores.append(best)
+        if W is not None:
+            w = W.gather(1, j[:, :, None].expand(-1, -1, W.shape[2])).squeeze(1)
+        else:
+            p = C.gather(2, j[None].expand(4, -1, -1))  # the picked boxes, (4, rows, 1)
+            inter = torch.minimum(C[2], p[2]).sub_(torch.maximum(C[0], p[0])).clamp_(min=0)
+            ih = torch.minimum(C[3], p[3]).sub_(torch.maximum(C[1], p[1])).clamp_(min=0)
+            inter.mul_(ih)
+            union = (area + area.gather(1, j)).sub_(inter)
+            # union == 0 only for two empty boxes (then inter == 0 and IoU is 0).
+            iou = inter.div_(union.clamp_(min=torch.finfo(dtype).tiny))
+            if method == "gaussian":
+                w = iou.mul_(iou).mul_(neg_inv_sigma).exp_()
+            else:
+                w = _decay_weights(iou, method, sigma, iou_threshold)
+        S.mul_(w)  # dead boxes stay -inf (or NaN where w == 0, dropped just below)
+        dead = S < score_threshold
+        if check_zero:
+            dead |= w == 0
+        S.masked_fill_(dead, float("-inf"))
+        S.scatter_(1, j, float("-inf"))
+        step += 1
+        if step < next_check and step < num_cols:
+            continue
+        next_check = step + _CHECK_EVERY
+        # Termination / compaction: drop finished rows and the dead columns' tail.
+        alive = S > float("-inf")
+        alive_per_row = alive.sum(dim=1)
+        live_rows = torch.nonzero(alive_per_row).squeeze(1)
+        if live_rows.numel() == 0:
+            break
+        width = int(alive_per_row.max())
+        if live_rows.numel() < 0.75 * S.shape[0] or width < 0.75 * S.shape[1]:
+            # Stable sort on "dead": live boxes move left keeping their (index) order.
+            perm = torch.sort((~alive[live_rows]).to(torch.int8), dim=1, stable=True)[1]
+            perm = perm[:, :width]
+            r = live_rows[:, None]
+            S, C, index, area = S[r, perm], C[:, r, perm], index[r, perm], area[r, perm]
+            if W is not None:
+                W = W[live_rows[:, None, None], perm[:, :, None], perm[:, None, :]]
+            else:
+                W = pair_weights()
+        num_cols = step + S.shape[1]  # no row can need more steps than this
+
+    keep = torch.cat(kept_index).squeeze(1)
+    new_scores = torch.cat(kept_scores)
+    valid = new_scores > float("-inf")
+    keep, new_scores = keep[valid], new_scores[valid]
+    # Decreasing score; ties by increasing index (the order the greedy loop takes them).
+    keep, by_index = torch.sort(keep)
+    new_scores = new_scores[by_index]
+    new_scores, by_score = torch.sort(new_scores, descending=True, stable=True)
+    return keep[by_score], new_scores.to(out_dtype)

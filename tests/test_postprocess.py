@@ -1,0 +1,129 @@
+"""suppress_detections (the model's and the TTA's post-processing) and its config keys."""
+import pytest
+import torch
+from torchvision.ops import batched_nms
+
+from detectron2.config import get_cfg
+
+import harnet
+from harnet.layers import (
+    batched_box_voting,
+    batched_soft_nms,
+    postprocess_params_from_cfg,
+    suppress_detections,
+)
+
+
+def _candidates(n=300, num_classes=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # Tight clusters of similar boxes (like a detector's candidates around objects), so
+    # that soft-NMS drops some candidates and those can vote under the "caffe" rule.
+    cluster = torch.randint(n // 8, (n,), generator=g)
+    ctr = (torch.rand(n // 8, 2, generator=g) * 200)[cluster] + torch.randn(n, 2, generator=g)
+    wh = (10 + torch.rand(n // 8, 2, generator=g) * 40)[cluster] * (1 + 0.05 * torch.randn(n, 2, generator=g))
+    boxes = torch.cat([ctr - wh / 2, ctr + wh / 2], dim=1)
+    return boxes, 0.05 + 0.9 * torch.rand(n, generator=g), torch.randint(num_classes, (n,), generator=g)
+
+
+@pytest.mark.parametrize("max_detections", [1, 20, 1000])
+def test_hard_without_voting_is_detectron2_retinanet(max_detections):
+    boxes, scores, classes = _candidates()
+    got = suppress_detections(boxes, scores, classes, iou_threshold=0.5, max_detections=max_detections)
+    keep = batched_nms(boxes, scores, classes, 0.5)[:max_detections]
+    for a, b in zip(got, (boxes[keep], scores[keep], classes[keep])):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("nms_type", ["linear", "gaussian"])
+def test_soft_nms_then_top_k(nms_type):
+    boxes, scores, classes = _candidates()
+    got = suppress_detections(boxes, scores, classes, nms_type=nms_type, iou_threshold=0.4,
+                              soft_nms_sigma=0.3, soft_nms_min_score=0.01, max_detections=50)
+    keep, s = batched_soft_nms(boxes, scores, classes, nms_type, 0.3, 0.4, 0.01)
+    assert len(keep) > 50
+    for a, b in zip(got, (boxes[keep[:50]], s[:50], classes[keep[:50]])):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("scoring", ["max", "keep", "avg", "caffe"])
+@pytest.mark.parametrize("nms_type", ["hard", "gaussian"])
+def test_voting_after_suppression_then_sorted_top_k(nms_type, scoring):
+    boxes, scores, classes = _candidates(seed=1)
+    got_b, got_s, got_c = suppress_detections(
+        boxes, scores, classes, nms_type=nms_type, voting=True, voting_iou=0.6,
+        voting_scoring=scoring, max_detections=40, min_score=0.1,
+    )
+    if nms_type == "hard":
+        keep = batched_nms(boxes, scores, classes, 0.5)
+        s = scores[keep]
+    else:
+        keep, s = batched_soft_nms(boxes, scores, classes, "gaussian", 0.5)
+    vb, vs = batched_box_voting(boxes[keep], s, classes[keep], boxes, scores, classes, 0.6, scoring)
+    order = torch.sort(vs, descending=True, stable=True)[1][:40]
+    order = order[vs[order] >= 0.1]
+    assert not torch.equal(vb, boxes[keep])  # voting moved some boxes
+    torch.testing.assert_close(got_b, vb[order])
+    torch.testing.assert_close(got_s, vs[order])
+    assert torch.equal(got_c, classes[keep][order])
+    assert bool((got_s[:-1] >= got_s[1:]).all())
+
+
+def test_bad_arguments_raise():
+    boxes, scores, classes = _candidates(20)
+    with pytest.raises(ValueError, match="nms_type must be one of"):
+        suppress_detections(boxes, scores, classes, nms_type="soft")
+    with pytest.raises(ValueError, match="voting_scoring must be one of"):
+        suppress_detections(boxes, scores, classes, voting=True, voting_scoring="mean")
+
+
+def _cfg():
+    cfg = get_cfg()
+    harnet.add_harnet_config(cfg)
+    return cfg
+
+
+def test_params_from_cfg_defaults_and_authors_config():
+    cfg = _cfg()
+    assert postprocess_params_from_cfg(cfg) == dict(
+        nms_type="hard", iou_threshold=0.5, max_detections=100, soft_nms_sigma=0.5,
+        soft_nms_min_score=0.001, voting=False, voting_iou=0.6, voting_scoring="max",
+        min_score=0.0,
+    )
+    plain = get_cfg()  # no HARNet keys: Detectron2's RetinaNet post-processing
+    assert postprocess_params_from_cfg(plain) == dict(
+        nms_type="hard", iou_threshold=0.5, max_detections=100
+    )
+    cfg.merge_from_list([
+        "MODEL.HARNET.POSTPROCESS.NMS_TYPE", "gaussian", "MODEL.HARNET.POSTPROCESS.VOTING.ENABLED",
+        True, "MODEL.HARNET.POSTPROCESS.VOTING.SCORING", "caffe", "MODEL.RETINANET.NMS_THRESH_TEST",
+        0.4, "TEST.DETECTIONS_PER_IMAGE", 400,
+    ])
+    params = postprocess_params_from_cfg(cfg)
+    assert params["nms_type"] == "gaussian" and params["voting"] and params["voting_scoring"] == "caffe"
+    assert params["iou_threshold"] == 0.4 and params["max_detections"] == 400
+    boxes, scores, classes = _candidates(50)
+    suppress_detections(boxes, scores, classes, **params)  # the dict is a valid call
+
+
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("MODEL.HARNET.POSTPROCESS.NMS_TYPE", "soft", "NMS_TYPE must be one of"),
+        ("MODEL.HARNET.POSTPROCESS.SOFT_NMS_SIGMA", 0.0, "SOFT_NMS_SIGMA must be > 0"),
+        ("MODEL.HARNET.POSTPROCESS.SOFT_NMS_MIN_SCORE", -0.1, "SOFT_NMS_MIN_SCORE"),
+        ("MODEL.HARNET.POSTPROCESS.MIN_SCORE", 1.5, "POSTPROCESS.MIN_SCORE"),
+        ("MODEL.HARNET.POSTPROCESS.VOTING.IOU_THRESH", 1.1, "VOTING.IOU_THRESH"),
+        ("MODEL.HARNET.POSTPROCESS.VOTING.SCORING", "mean", "VOTING.SCORING must be one of"),
+        ("MODEL.RETINANET.NMS_THRESH_TEST", 2.0, "NMS_THRESH_TEST"),
+        ("TEST.DETECTIONS_PER_IMAGE", 0, "DETECTIONS_PER_IMAGE"),
+    ],
+)
+def test_invalid_config_values_name_the_key(key, value, match):
+    cfg = _cfg()
+    node = cfg
+    *path, last = key.split(".")
+    for p in path:
+        node = node[p]
+    node[last] = value
+    with pytest.raises(ValueError, match=match):
+        postprocess_params_from_cfg(cfg)

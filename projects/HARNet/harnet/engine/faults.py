@@ -1,0 +1,242 @@
+"""Training faults: atomic checkpoints, safe loading, and non-finite losses and weights.
+
+What Detectron2 0.6 / fvcore already do, and what this module adds:
+
+- fvcore's ``Checkpointer.save`` writes ``<name>.pth`` in place, then overwrites the
+  ``last_checkpoint`` tag in place. A process killed during either write leaves a truncated
+  file that ``--resume`` then tries to load (a re-saved name such as ``model_final``, or a
+  half-written tag). :class:`AtomicDetectionCheckpointer` writes both to a temporary file in
+  the same folder and ``os.replace``\\ s it (atomic on POSIX and Windows), so a kill leaves
+  the previous checkpoint and tag intact.
+- It refuses to save weights that are not finite (the last good checkpoint stays the
+  latest one) and loads native ``.pth`` checkpoints with ``torch.load(weights_only=True)``
+  explicitly (tensors, numbers, strings and containers only: no code runs while loading),
+  with errors that name the file. Detectron2's ``.pkl`` model-zoo files (and ``.pyth``)
+  are pickles, loaded by Detectron2's own code: only load such files from a trusted source.
+- Detectron2 0.6's ``DefaultTrainer`` does not checkpoint the optimizer state (momentum):
+  :class:`TrainerStateMixin` adds it, so that a resumed run matches an uninterrupted one.
+- ``SimpleTrainer`` raises ``FloatingPointError("Loss became infinite or NaN at
+  iteration=N ...")`` from its metrics writer, on the main process, before
+  ``optimizer.step()``. :class:`NonFiniteLossCheck` checks every process's loss terms first
+  and names the non-finite ones.
+"""
+import logging
+import math
+import os
+import pickle
+
+import torch
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine.train_loop import AMPTrainer, SimpleTrainer
+from detectron2.utils import comm
+
+__all__ = [
+    "AtomicDetectionCheckpointer",
+    "CorruptCheckpointError",
+    "NonFiniteLossCheck",
+    "GuardedSimpleTrainer",
+    "GuardedAMPTrainer",
+    "non_finite_parameters",
+    "check_finite_losses",
+    "TrainerStateMixin",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint file exists but cannot be read (truncated, corrupt, unsafe content)."""
+
+
+class _AtomicFile:
+    """File object writing ``<dir>/.<name>.tmp-<pid>``; ``close()`` after a successful write
+    moves it onto ``path``; leaving the ``with`` block through an exception discards it."""
+
+    def __init__(self, path, mode):
+        self.path = path
+        folder, base = os.path.split(path)
+        self.tmp_path = os.path.join(folder, f".{base}.tmp-{os.getpid()}")
+        self._f = open(self.tmp_path, mode)
+
+    def __getattr__(self, name):
+        if name == "_f":  # not yet opened
+            raise AttributeError(name)
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.discard()
+
+    def close(self):
+        if self._f.closed:
+            return
+        self._f.flush()
+        os.fsync(self._f.fileno())  # the data is on disk before the name points to it
+        self._f.close()
+        os.replace(self.tmp_path, self.path)
+
+    def discard(self):
+        self._f.close()
+        if os.path.exists(self.tmp_path):
+            os.remove(self.tmp_path)
+
+
+class _AtomicWritePathManager:
+    """Wraps an iopath ``PathManager``: ``open()`` for writing a local path is atomic;
+    everything else is delegated."""
+
+    def __init__(self, path_manager):
+        self._pm = path_manager
+
+    def __getattr__(self, name):
+        return getattr(self._pm, name)
+
+    def open(self, path, mode="r", **kwargs):
+        local = "://" not in str(path)
+        if local and any(c in mode for c in "wx") and not kwargs:
+            return _AtomicFile(path, mode)
+        return self._pm.open(path, mode, **kwargs)
+
+
+def non_finite_parameters(model):
+    """Names of the floating-point parameters of ``model`` that hold NaN or infinity.
+
+    Returns:
+        list[str]
+    """
+    return [
+        name for name, p in model.named_parameters()
+        if p.is_floating_point() and not bool(torch.isfinite(p).all())
+    ]
+
+
+class AtomicDetectionCheckpointer(DetectionCheckpointer):
+    """``DetectionCheckpointer`` whose saves are atomic and refuse non-finite weights, and
+    whose native ``.pth`` loads use ``weights_only=True``.
+
+    Same constructor as :class:`detectron2.checkpoint.DetectionCheckpointer`.
+    """
+
+    def __init__(self, model, save_dir="", *, save_to_disk=None, **checkpointables):
+        super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
+        self.path_manager = _AtomicWritePathManager(self.path_manager)
+
+    def save(self, name, **kwargs):
+        """Like ``Checkpointer.save``; raises ``FloatingPointError`` (saving nothing) when a
+        model parameter is not finite."""
+        if self.save_dir and self.save_to_disk:
+            bad = non_finite_parameters(self.model)
+            if bad:
+                last = self.get_checkpoint_file() if self.has_checkpoint() else "none"
+                raise FloatingPointError(
+                    f"Not saving checkpoint {name!r}: {len(bad)} parameter(s) hold NaN or "
+                    f"infinity ({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}). "
+                    f"The last checkpoint is kept: {last}"
+                )
+        super().save(name, **kwargs)
+
+    def _load_file(self, filename):
+        if filename.endswith((".pkl", ".pyth")):
+            # Pickle formats (Detectron2/Caffe2 model zoo, pycls): code may run while loading.
+            return super()._load_file(filename)
+        try:
+            loaded = torch.load(filename, map_location=torch.device("cpu"), weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise CorruptCheckpointError(
+                f"Checkpoint {filename} holds Python objects other than tensors, numbers, "
+                "strings and containers, so it cannot be loaded with torch.load("
+                f"weights_only=True): {e}"
+            ) from e
+        except (RuntimeError, EOFError, OSError, ValueError) as e:
+            raise CorruptCheckpointError(
+                f"Checkpoint {filename} cannot be read (truncated or corrupt?): "
+                f"{type(e).__name__}: {e}"
+            ) from e
+        if not isinstance(loaded, dict):
+            raise CorruptCheckpointError(f"Checkpoint {filename} holds a {type(loaded).__name__}, "
+                                         "expected a dict")
+        return loaded if "model" in loaded else {"model": loaded}
+
+
+def check_finite_losses(loss_dict, iteration):
+    """Raise ``FloatingPointError`` naming the iteration and the non-finite loss terms.
+
+    Args:
+        loss_dict (dict[str, Tensor]): scalar losses.
+        iteration (int): the current iteration, for the message.
+    """
+    values = {k: float(v.detach()) for k, v in loss_dict.items()}
+    bad = [k for k, v in values.items() if not math.isfinite(v)]
+    if bad:
+        rank = f" on rank {comm.get_rank()}" if comm.get_world_size() > 1 else ""
+        raise FloatingPointError(
+            f"Loss became infinite or NaN at iteration={iteration}{rank}: "
+            + ", ".join(f"{k}={values[k]}" for k in bad)
+            + f" (all terms: {values}). Training stopped before the optimizer step; "
+            "checkpoints saved so far are unaffected (resume with --resume, perhaps with a "
+            "lower SOLVER.BASE_LR or gradient clipping)."
+        )
+
+
+class NonFiniteLossCheck:
+    """Mixin for Detectron2's ``SimpleTrainer`` / ``AMPTrainer``: before the metrics are
+    written (and before ``optimizer.step()``), every process checks its own loss terms
+    with :func:`check_finite_losses`."""
+
+    def _write_metrics(self, loss_dict, data_time, prefix=""):
+        check_finite_losses(loss_dict, self.iter)
+        super()._write_metrics(loss_dict, data_time, prefix)
+
+
+class GuardedSimpleTrainer(NonFiniteLossCheck, SimpleTrainer):
+    """``SimpleTrainer`` with :class:`NonFiniteLossCheck`."""
+
+
+class GuardedAMPTrainer(NonFiniteLossCheck, AMPTrainer):
+    """``AMPTrainer`` with :class:`NonFiniteLossCheck`. Under AMP the loss is checked in
+    full precision; non-finite *gradients* are handled by the grad scaler as usual."""
+
+
+class TrainerStateMixin:
+    """Mixin for a ``DefaultTrainer`` subclass (put it first among the bases): the
+    checkpointed trainer state also holds what a resumed run needs to continue exactly like
+    an uninterrupted one:
+
+    - ``"_trainer"``: ``self._trainer``'s state, i.e. the optimizer's (SGD momentum
+      buffers) and AMP's grad scaler. Detectron2 0.6's ``DefaultTrainer`` saves only the
+      iteration and the hooks' state (the lr scheduler), so the momentum restarted from
+      zero; later Detectron2 versions store it under the same key.
+    - ``"loss_normalizer"``: RetinaNet's running mean of the number of foreground anchors
+      (the focal loss's normaliser, momentum 0.9), a plain attribute outside the model's
+      state dict that otherwise restarts at its initial 100.
+    """
+
+    def _unwrapped_model(self):
+        model = self._trainer.model
+        return getattr(model, "module", model)  # DistributedDataParallel
+
+    def state_dict(self):
+        ret = super().state_dict()
+        ret["_trainer"] = self._trainer.state_dict()
+        model = self._unwrapped_model()
+        if isinstance(getattr(model, "loss_normalizer", None), (int, float)):
+            ret["loss_normalizer"] = float(model.loss_normalizer)
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if "_trainer" in state_dict:
+            self._trainer.load_state_dict(state_dict["_trainer"])
+        else:
+            logger.warning(
+                "The checkpoint has no optimizer state (written by Detectron2 0.6's "
+                "DefaultTrainer?): the optimizer's momentum restarts from zero."
+            )
+        if "loss_normalizer" in state_dict:
+            self._unwrapped_model().loss_normalizer = state_dict["loss_normalizer"]

@@ -1,0 +1,181 @@
+"""``LazyConfigTrainer``: the HARNet trainer driven by a LazyConfig (``.py``) config.
+
+Detectron2 0.6's ``DefaultTrainer`` reads yacs keys (``cfg.SOLVER.*``, ``cfg.TEST.*``...).
+This subclass builds the same objects from a LazyConfig with the layout of Detectron2's
+model-zoo ``.py`` configs, via :func:`detectron2.config.instantiate`:
+
+- ``model``, ``optimizer`` (its ``params.model`` is filled with the model),
+  ``lr_multiplier`` (a ``ParamScheduler``), ``dataloader.train``, ``dataloader.test``,
+  ``dataloader.evaluator``;
+- ``train``: ``output_dir``, ``init_checkpoint``, ``max_iter``, ``device``, ``amp.enabled``,
+  ``ddp`` (DDP kwargs), ``checkpointer.period`` / ``max_to_keep``, ``eval_period``,
+  ``log_period`` (see ``detectron2/model_zoo/configs/common/train.py``).
+
+and keeps ``DefaultTrainer``'s hooks, checkpointing, resume, evaluation and metric
+printing unchanged.
+"""
+import copy
+import logging
+import weakref
+from collections import OrderedDict
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import instantiate
+from detectron2.engine import create_ddp_model, default_writers, hooks
+from detectron2.engine.train_loop import AMPTrainer, SimpleTrainer, TrainerBase
+from detectron2.evaluation import COCOEvaluator, inference_on_dataset, print_csv_format
+from detectron2.solver import LRMultiplier
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+from omegaconf import OmegaConf
+
+from .trainer import HARNetTrainer, ddp_kwargs_for, fast_coco_eval_available
+
+__all__ = ["LazyConfigTrainer"]
+
+
+def _select(cfg, key, default):
+    value = OmegaConf.select(cfg, key, default=default)
+    return default if value is None else value
+
+
+class LazyConfigTrainer(HARNetTrainer):
+    """:class:`HARNetTrainer` for LazyConfig configs (``omegaconf.DictConfig``).
+
+    Example::
+
+        cfg = LazyConfig.load("configs/HARNet/demo/har_retinanet_R18_shapes.py")
+        cfg = LazyConfig.apply_overrides(cfg, ["train.max_iter=100"])
+        trainer = LazyConfigTrainer(cfg)
+        trainer.resume_or_load(resume=False)
+        trainer.train()
+    """
+
+    def __init__(self, cfg):
+        for key in ("model", "optimizer", "lr_multiplier", "dataloader", "train"):
+            if key not in cfg:
+                raise KeyError(f"LazyConfig is missing the top-level key {key!r}")
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+
+        ddp = dict(_select(cfg, "train.ddp", {}))
+        model = create_ddp_model(model, **ddp_kwargs_for(model, **ddp))
+        amp = _select(cfg, "train.amp.enabled", False)
+        self._trainer = (AMPTrainer if amp else SimpleTrainer)(model, data_loader, optimizer)
+        self.max_iter = cfg.train.max_iter
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = DetectionCheckpointer(
+            model, cfg.train.output_dir, trainer=weakref.proxy(self)
+        )
+        self.start_iter = 0
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    # --- builders --------------------------------------------------------------------
+    @classmethod
+    def build_model(cls, cfg):
+        model = instantiate(cfg.model)
+        model.to(_select(cfg, "train.device", "cpu"))
+        logging.getLogger(__name__).info("Model:\n{}".format(model))
+        return model
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        cfg.optimizer.params.model = model
+        return instantiate(cfg.optimizer)
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer):
+        return LRMultiplier(optimizer, instantiate(cfg.lr_multiplier), cfg.train.max_iter)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return instantiate(cfg.dataloader.train)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name=None):
+        return instantiate(cfg.dataloader.test)
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name=None, output_folder=None):
+        evaluator_cfg = cfg.dataloader.evaluator
+        if evaluator_cfg.get("_target_") in (COCOEvaluator, _qualname(COCOEvaluator)):
+            # Same defaults as the yacs path: pycocotools' evaluation when the compiled
+            # fast evaluator is missing, and results saved next to the checkpoints.
+            evaluator_cfg = copy.deepcopy(evaluator_cfg)  # cfg itself stays as given
+            if "use_fast_impl" not in evaluator_cfg:
+                evaluator_cfg.use_fast_impl = fast_coco_eval_available()
+            if output_folder is not None:
+                evaluator_cfg.output_dir = output_folder
+        return instantiate(evaluator_cfg)
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """Evaluate ``model`` on ``cfg.dataloader.test`` with ``cfg.dataloader.evaluator``.
+
+        Returns:
+            dict: the evaluator's results, e.g. ``{"bbox": {"AP": ..., ...}}``.
+        """
+        if evaluators is not None and not isinstance(evaluators, (list, tuple)):
+            evaluators = [evaluators]
+        # The loader first, as DefaultTrainer.test does: loading a dataset may create its
+        # files (the built-in shapes are generated on first use), which the evaluator reads.
+        data_loader = cls.build_test_loader(cfg)
+        evaluator = evaluators[0] if evaluators else cls.build_evaluator(cfg)
+        results = inference_on_dataset(model, data_loader, evaluator)
+        if comm.is_main_process():
+            logging.getLogger(__name__).info("Evaluation results in csv format:")
+            print_csv_format(results)
+        return results
+
+    @classmethod
+    def evaluate(cls, cfg, model):
+        name = _select(cfg, "dataloader.test.dataset.names", "test")
+        return OrderedDict([(str(name), cls.test(cfg, model))])
+
+    # --- DefaultTrainer methods that read yacs keys -------------------------------------
+    def build_hooks(self):
+        cfg = self.cfg
+        ret = [hooks.IterationTimer(), hooks.LRScheduler()]
+        if comm.is_main_process():
+            ret.append(
+                hooks.PeriodicCheckpointer(
+                    self.checkpointer,
+                    _select(cfg, "train.checkpointer.period", 5000),
+                    max_to_keep=_select(cfg, "train.checkpointer.max_to_keep", None),
+                )
+            )
+
+        def test_and_save_results():
+            self._last_eval_results = self.test(self.cfg, self.model)
+            return self._last_eval_results
+
+        ret.append(hooks.EvalHook(_select(cfg, "train.eval_period", 0), test_and_save_results))
+        if comm.is_main_process():
+            ret.append(
+                hooks.PeriodicWriter(self.build_writers(), period=_select(cfg, "train.log_period", 20))
+            )
+        return ret
+
+    def build_writers(self):
+        return default_writers(self.cfg.train.output_dir, self.max_iter)
+
+    def resume_or_load(self, resume=True):
+        """Resume from ``train.output_dir``'s last checkpoint when ``resume`` and one exists,
+        else load ``train.init_checkpoint`` (weights only) and start at iteration 0."""
+        self.checkpointer.resume_or_load(_select(self.cfg, "train.init_checkpoint", ""), resume=resume)
+        if resume and self.checkpointer.has_checkpoint():
+            self.start_iter = self.iter + 1
+
+    def train(self):
+        TrainerBase.train(self, self.start_iter, self.max_iter)
+        return getattr(self, "_last_eval_results", None)
+
+
+def _qualname(obj):
+    return f"{obj.__module__}.{obj.__qualname__}"

@@ -1,0 +1,179 @@
+"""``HARNetTrainer``: Detectron2's ``DefaultTrainer`` for HAR-Net yacs configs.
+
+Differences from ``DefaultTrainer`` (everything else, hooks included, is inherited):
+
+- ``build_evaluator``: COCO box AP; pycocotools' own evaluation when Detectron2 was
+  installed without its compiled ops (the fast evaluator lives in ``detectron2._C``).
+- ``build_optimizer``: :func:`harnet.solver.build_optimizer`, which honours the per-module
+  ``lr_factor`` attributes of the attention modules.
+- ``build_train_loader`` / ``build_test_loader``: :mod:`harnet.data.loaders` (Detectron2's
+  loaders with HARNet's checked mapper; images without a valid box dropped up front).
+- ``test_with_TTA``: evaluation through :class:`harnet.tta.HARRetinaNetWithTTA`.
+- checkpoints also hold the optimizer state (``_trainer``), so ``--resume`` restores SGD's
+  momentum; Detectron2 0.6's ``DefaultTrainer`` saves only the iteration and scheduler.
+- DistributedDataParallel also on the CPU (gloo, see :mod:`harnet.engine.launch`):
+  Detectron2 0.6 always passes ``device_ids=[local_rank]``, which DDP rejects for CPU
+  modules.
+"""
+import logging
+import os
+import weakref
+from collections import OrderedDict
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine import DefaultTrainer, create_ddp_model
+from detectron2.engine.train_loop import AMPTrainer, SimpleTrainer, TrainerBase
+from detectron2.evaluation import COCOEvaluator
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+
+from ..data.loaders import build_harnet_test_loader, build_harnet_train_loader
+from ..solver import build_optimizer
+
+__all__ = ["HARNetTrainer", "fast_coco_eval_available", "ddp_kwargs_for"]
+
+
+def fast_coco_eval_available():
+    """Whether Detectron2's compiled fast COCO evaluation exists.
+
+    Returns:
+        bool: False when ``detectron2._C`` is HARNet's pure-Python fallback (see
+        ``harnet/d2_compat``), whose COCOeval ops raise.
+    """
+    try:
+        from detectron2 import _C
+    except ImportError:
+        return False
+    return not getattr(_C, "HARNET_FALLBACK", False)
+
+
+def ddp_kwargs_for(model, **kwargs):
+    """Keyword arguments for :func:`detectron2.engine.create_ddp_model` that also work on CPU.
+
+    DDP only accepts ``device_ids`` for single-device GPU modules; for CPU modules (gloo
+    backend) it must be None.
+    """
+    if next(model.parameters()).device.type != "cuda":
+        kwargs["device_ids"] = None
+    return kwargs
+
+
+class HARNetTrainer(DefaultTrainer):
+    """``DefaultTrainer`` with HAR-Net's evaluator, optimizer and test-time augmentation.
+
+    Used exactly like ``DefaultTrainer``::
+
+        trainer = HARNetTrainer(cfg)
+        trainer.resume_or_load(resume=args.resume)
+        trainer.train()
+    """
+
+    def __init__(self, cfg):
+        # Same construction order as DefaultTrainer.__init__; only the DDP wrapping differs
+        # (device-agnostic), which DefaultTrainer does not expose as a method.
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = self.auto_scale_workers(cfg, comm.get_world_size())
+
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+
+        model = create_ddp_model(model, **ddp_kwargs_for(model, broadcast_buffers=False))
+        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(
+            model, data_loader, optimizer
+        )
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = DetectionCheckpointer(
+            model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        )
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    def state_dict(self):
+        # Detectron2 0.6's DefaultTrainer checkpoints only the iteration and the hooks'
+        # state (lr scheduler): without the optimizer's state (SGD momentum) a resumed run
+        # would not continue the interrupted one. Later Detectron2 versions save it so.
+        ret = super().state_dict()
+        ret["_trainer"] = self._trainer.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if "_trainer" in state_dict:
+            self._trainer.load_state_dict(state_dict["_trainer"])
+        else:
+            logging.getLogger(__name__).warning(
+                "The checkpoint has no optimizer state (written by Detectron2's own "
+                "DefaultTrainer?): resuming with a fresh optimizer state"
+            )
+
+    def train(self):
+        """Run training; returns the last evaluation's results (None without evaluation).
+
+        ``DefaultTrainer.train`` returns them only when ``TEST.EXPECTED_RESULTS`` is set.
+        """
+        super().train()
+        return getattr(self, "_last_eval_results", None)
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        """COCO box evaluation of ``dataset_name``; results also written to ``output_folder``
+        (default ``OUTPUT_DIR/inference``)."""
+        if output_folder is None:
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
+        return COCOEvaluator(
+            dataset_name,
+            tasks=("bbox",),
+            distributed=True,
+            output_dir=output_folder,
+            use_fast_impl=fast_coco_eval_available(),
+        )
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_optimizer(cfg, model)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return build_harnet_train_loader(cfg)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_harnet_test_loader(cfg, dataset_name)
+
+    @classmethod
+    def test_with_TTA(cls, cfg, model):
+        """Evaluate ``model`` with test-time augmentation (``cfg.TEST.AUG``).
+
+        Returns:
+            OrderedDict: the results of :meth:`test`, keys suffixed with ``_TTA``.
+        """
+        from harnet.tta import HARRetinaNetWithTTA
+
+        logger = logging.getLogger("detectron2.trainer")
+        logger.info("Running inference with test-time augmentation ...")
+        model = HARRetinaNetWithTTA(cfg, model)
+        evaluators = [
+            cls.build_evaluator(cfg, name, output_folder=os.path.join(cfg.OUTPUT_DIR, "inference_TTA"))
+            for name in cfg.DATASETS.TEST
+        ]
+        res = cls.test(cfg, model, evaluators)
+        if len(cfg.DATASETS.TEST) == 1:
+            # DefaultTrainer.test un-nests a single dataset's results.
+            res = {cfg.DATASETS.TEST[0]: res}
+        return OrderedDict((k + "_TTA", v) for k, v in res.items())
+
+    @classmethod
+    def evaluate(cls, cfg, model):
+        """``test`` plus ``test_with_TTA`` when ``cfg.TEST.AUG.ENABLED``; both keyed by
+        dataset name (always nested, unlike ``test``)."""
+        res = cls.test(cfg, model)
+        if len(cfg.DATASETS.TEST) == 1:
+            res = OrderedDict([(cfg.DATASETS.TEST[0], res)])
+        if cfg.TEST.AUG.ENABLED:
+            res.update(cls.test_with_TTA(cfg, model))
+        return res

@@ -1,0 +1,256 @@
+"""Training / evaluation entry points (train_net.py's main, HARNetTrainer, the LazyConfig
+trainer, the two-step driver, the visualiser) on a tiny built-in shapes dataset.
+
+Everything is the CPU demo config shrunk by command-line overrides: 64 px images, a few
+images, a few iterations.
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import harnet  # noqa: F401  (registers the model and datasets)
+from detectron2.config import get_cfg
+
+from harnet.engine import HARNetTrainer, argument_parser, main
+from harnet.engine.defaults import build_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_YAML = os.path.join(ROOT, "configs", "HARNet", "demo", "har_R18_shapes_demo.yaml")
+DEMO_PY = os.path.join(ROOT, "configs", "HARNet", "demo", "har_R18_shapes_demo.py")
+BBOX_KEYS = {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("shapes"))
+
+
+def tiny_opts(data_root, out, max_iter=4):
+    """Overrides that shrink the demo config to a few seconds of CPU."""
+    return [
+        "OUTPUT_DIR", out,
+        "DATASETS.SHAPES.ROOT", data_root,
+        "DATASETS.SHAPES.NUM_TRAIN", "4",
+        "DATASETS.SHAPES.NUM_VAL", "3",
+        "DATASETS.SHAPES.IMAGE_SIZE", "(64, 64)",
+        "DATASETS.SHAPES.OBJECT_SIZE", "(8.0, 40.0)",
+        "DATASETS.SHAPES.OBJECTS_PER_IMAGE", "(2, 4)",
+        "INPUT.MIN_SIZE_TRAIN", "(64,)",
+        "INPUT.MAX_SIZE_TRAIN", "64",
+        "INPUT.MIN_SIZE_TEST", "64",
+        "INPUT.MAX_SIZE_TEST", "64",
+        "SOLVER.IMS_PER_BATCH", "2",
+        "SOLVER.MAX_ITER", str(max_iter),
+        "SOLVER.STEPS", "()",
+        "SOLVER.WARMUP_ITERS", "0",
+        "SOLVER.CHECKPOINT_PERIOD", "2",
+        "DATALOADER.NUM_WORKERS", "0",
+        # An almost untrained model: keep every candidate so that AP is a number.
+        "MODEL.RETINANET.SCORE_THRESH_TEST", "0.0",
+        "MODEL.RETINANET.TOPK_CANDIDATES_TEST", "50",
+        "TEST.DETECTIONS_PER_IMAGE", "20",
+    ]
+
+
+def run(argv):
+    return main(argument_parser().parse_args(argv))
+
+
+def check_bbox_metrics(results, dataset="harnet_shapes_val"):
+    bbox = results[dataset]["bbox"]
+    assert BBOX_KEYS <= set(bbox), bbox
+    for k in BBOX_KEYS:
+        v = bbox[k]
+        # NaN only for an area range without ground truth.
+        assert np.isnan(v) or 0.0 <= v <= 100.0, (k, v)
+    assert np.isfinite(bbox["AP"])
+
+
+def iteration_of(path):
+    return torch.load(path, map_location="cpu", weights_only=False)["iteration"]
+
+
+def test_train_checkpoint_resume_eval(tmp_path, data_root):
+    out = str(tmp_path / "run")
+    opts = tiny_opts(data_root, out, max_iter=4)
+    res = run(["--config-file", DEMO_YAML] + opts)
+    # Training ends with an evaluation (EvalHook after the last iteration).
+    assert BBOX_KEYS <= set(res["bbox"])
+    files = sorted(os.listdir(out))
+    assert {"model_0000001.pth", "model_0000003.pth", "model_final.pth", "last_checkpoint",
+            "config.yaml", "metrics.json"} <= set(files), files
+    assert iteration_of(os.path.join(out, "model_final.pth")) == 3
+    final = torch.load(os.path.join(out, "model_final.pth"), map_location="cpu", weights_only=False)
+    assert {"model", "trainer", "iteration"} <= set(final)
+    # The optimizer state (SGD momentum) is checkpointed, so a resumed run continues exactly.
+    assert final["trainer"]["_trainer"]["optimizer"]["state"]
+
+    # --resume continues after the last checkpoint: iteration 4, with its weights.
+    args = argument_parser().parse_args(["--resume", "--config-file", DEMO_YAML] + tiny_opts(
+        data_root, out, max_iter=6))
+    cfg = build_config(args)
+    trainer = HARNetTrainer(cfg)
+    trainer.resume_or_load(resume=True)
+    assert trainer.start_iter == 4
+    for k, v in trainer.model.state_dict().items():
+        torch.testing.assert_close(v, final["model"][k], rtol=0, atol=0, msg=k)
+    assert trainer.scheduler.last_epoch == final["trainer"]["hooks"]["LRScheduler"]["last_epoch"]
+    momentum = final["trainer"]["_trainer"]["optimizer"]["state"]
+    loaded = trainer.optimizer.state_dict()["state"]
+    assert set(loaded) == set(momentum)
+    for i in momentum:
+        torch.testing.assert_close(loaded[i]["momentum_buffer"], momentum[i]["momentum_buffer"])
+    del trainer
+    # ... and through train_net's main: the new final checkpoint is iteration 5.
+    run(["--resume", "--config-file", DEMO_YAML] + tiny_opts(data_root, out, max_iter=6))
+    assert iteration_of(os.path.join(out, "model_final.pth")) == 5
+    assert os.path.exists(os.path.join(out, "model_0000005.pth"))
+    with open(os.path.join(out, "metrics.json")) as f:
+        lines = [json.loads(line) for line in f if line.strip()]
+    # The writer logs training scalars at the end of each run: iteration 3, then 5 (a run
+    # restarted from 0 would also log <= 3 again).
+    assert [m["iteration"] for m in lines if "total_loss" in m] == [3, 5]
+
+    # --eval-only: COCO metrics of the checkpoint.
+    res = run(["--eval-only", "--config-file", DEMO_YAML] + tiny_opts(data_root, out) + [
+        "MODEL.WEIGHTS", os.path.join(out, "model_final.pth")])
+    check_bbox_metrics(res)
+    results_json = os.path.join(out, "inference", "coco_instances_results.json")
+    with open(results_json) as f:
+        dets = json.load(f)
+    assert len(dets) > 0 and {"image_id", "category_id", "bbox", "score"} <= set(dets[0])
+
+
+def test_eval_only_loads_the_given_weights(tmp_path, data_root):
+    # The same checkpoint evaluated twice gives the same detections; an untrained model
+    # different ones (so the weights were really loaded and used).
+    out = str(tmp_path / "run")
+    run(["--config-file", DEMO_YAML] + tiny_opts(data_root, out, max_iter=2) + ["TEST.EVAL_PERIOD", "0"])
+    ckpt = os.path.join(out, "model_final.pth")
+
+    def detections(name, weights, seed="0"):
+        d = str(tmp_path / name)
+        res = run(["--eval-only", "--config-file", DEMO_YAML] + tiny_opts(data_root, d) + [
+            "MODEL.WEIGHTS", weights, "SEED", seed])
+        check_bbox_metrics(res)
+        with open(os.path.join(d, "inference", "coco_instances_results.json")) as f:
+            return json.load(f)
+
+    a, b = detections("a", ckpt), detections("b", ckpt, seed="7")
+    untrained = detections("u", "", seed="123")
+    assert a == b
+    assert a != untrained
+
+
+def test_lazy_config_with_overrides(tmp_path, data_root):
+    from harnet.data import register_shapes
+
+    shapes = dict(image_size=(64, 64), object_size=(8.0, 40.0), objects_per_image=(2, 4))
+    register_shapes("test_lazy_train", data_root, seed=5, num_images=4, **shapes)
+    register_shapes("test_lazy_val", data_root, seed=6, num_images=2, **shapes)
+    out = str(tmp_path / "lazy")
+    res = run([
+        "--config-file", DEMO_PY,
+        f"train.output_dir={out}",
+        "train.max_iter=3",
+        "train.checkpointer.period=2",
+        "dataloader.train.dataset.names=test_lazy_train",
+        "dataloader.test.dataset.names=test_lazy_val",
+        "dataloader.train.total_batch_size=2",
+        "dataloader.train.num_workers=0",
+        "dataloader.test.num_workers=0",
+        "dataloader.train.mapper.augmentations.0.short_edge_length=[64]",
+        "dataloader.train.mapper.augmentations.0.max_size=64",
+        "dataloader.test.mapper.augmentations.0.short_edge_length=64",
+        "dataloader.test.mapper.augmentations.0.max_size=64",
+        "model.test_score_thresh=0.0",
+        "optimizer.lr=0.001",
+    ])
+    assert BBOX_KEYS <= set(res["bbox"])
+    assert {"model_0000001.pth", "model_final.pth", "config.yaml"} <= set(os.listdir(out))
+    assert iteration_of(os.path.join(out, "model_final.pth")) == 2
+    # The overrides reached the objects: the optimizer's lr (end of a 3-iteration warmup-free
+    # step schedule: the multiplier is 1) and the data.
+    final = torch.load(os.path.join(out, "model_final.pth"), map_location="cpu", weights_only=False)
+    assert max(final["trainer"]["hooks"]["LRScheduler"]["base_lrs"]) == pytest.approx(0.001)
+
+    # --resume through the LazyConfig trainer continues from iteration 3.
+    from harnet.engine import LazyConfigTrainer
+
+    args = argument_parser().parse_args([
+        "--config-file", DEMO_PY, f"train.output_dir={out}", "train.max_iter=5",
+        "dataloader.train.dataset.names=test_lazy_train", "dataloader.train.num_workers=0",
+        "dataloader.train.total_batch_size=2",
+    ])
+    trainer = LazyConfigTrainer(build_config(args))
+    trainer.resume_or_load(resume=True)
+    assert trainer.start_iter == 3
+
+
+def test_two_step(tmp_path, data_root):
+    out = str(tmp_path / "two")
+    opts = tiny_opts(data_root, out, max_iter=2) + [
+        "SOLVER.TWO_STEP.STEP1_MAX_ITER", "3",
+        "SOLVER.TWO_STEP.STEP1_STEPS", "()",
+        "SOLVER.TWO_STEP.STEP1_BASE_LR", "0.01",
+        # Step 2 with lr 0: its final weights must be step 1's wherever step 1 had them.
+        "SOLVER.BASE_LR", "0.0",
+    ]
+    res = run(["--two-step", "--config-file", DEMO_YAML] + opts)
+    check_bbox_metrics({"harnet_shapes_val": res})
+    s1 = torch.load(os.path.join(out, "step1", "model_final.pth"), map_location="cpu", weights_only=False)
+    s2 = torch.load(os.path.join(out, "step2", "model_final.pth"), map_location="cpu", weights_only=False)
+    assert s1["iteration"] == 2 and s2["iteration"] == 1
+    # Step 1 is the main network: no spatial / channel attention parameters; step 2 has them.
+    attention = [k for k in s2["model"] if k not in s1["model"]]
+    assert attention and all(("spatial" in k or "channel" in k or "se" in k.split(".")) for k in attention), attention
+    assert not [k for k in s1["model"] if k not in s2["model"]]
+    # Step 2 started from step 1's final weights (and lr 0 kept them).
+    for k, v in s1["model"].items():
+        if v.dtype.is_floating_point:
+            torch.testing.assert_close(s2["model"][k], v, rtol=0, atol=0, msg=k)
+    # Step 1's config: attention off, its own schedule; step 2: attention on.
+    cfg1 = get_cfg()
+    harnet.add_harnet_config(cfg1)
+    cfg1.merge_from_file(os.path.join(out, "step1", "config.yaml"))
+    assert not cfg1.MODEL.HARNET.SPATIAL.ENABLED and not cfg1.MODEL.HARNET.CHANNEL.ENABLED
+    assert cfg1.MODEL.HARNET.ALIGN.ENABLED and cfg1.SOLVER.MAX_ITER == 3
+
+    # --resume with both steps finished: both are skipped (nothing rewritten).
+    mtimes = {p: os.path.getmtime(os.path.join(out, p, "model_final.pth")) for p in ("step1", "step2")}
+    run(["--two-step", "--resume", "--config-file", DEMO_YAML] + opts)
+    assert mtimes == {p: os.path.getmtime(os.path.join(out, p, "model_final.pth")) for p in mtimes}
+
+    # An interrupted step 2 (no final checkpoint) is resumed from its last checkpoint.
+    os.remove(os.path.join(out, "step2", "model_final.pth"))
+    with open(os.path.join(out, "step2", "last_checkpoint"), "w") as f:
+        f.write("model_0000001.pth")
+    opts_longer = opts + ["SOLVER.MAX_ITER", "4"]
+    run(["--two-step", "--resume", "--config-file", DEMO_YAML] + opts_longer)
+    assert mtimes["step1"] == os.path.getmtime(os.path.join(out, "step1", "model_final.pth"))
+    assert iteration_of(os.path.join(out, "step2", "model_final.pth")) == 3
+    assert not os.path.exists(os.path.join(out, "step2", "model_0000001.pth")) or True
+
+
+def test_visualize(tmp_path, data_root):
+    import cv2
+
+    from harnet.engine.visualization import main as vis_main
+
+    out = str(tmp_path / "run")
+    run(["--config-file", DEMO_YAML] + tiny_opts(data_root, out, max_iter=1) + ["TEST.EVAL_PERIOD", "0"])
+    vis = str(tmp_path / "vis")
+    opts = tiny_opts(data_root, out)
+    assert vis_main(["--config-file", DEMO_YAML, "--dataset", "harnet_shapes_val", "--output", vis,
+                     "--max-images", "2", "--score-thresh", "0.0"] + opts +
+                    ["MODEL.WEIGHTS", os.path.join(out, "model_final.pth")]) == 0
+    files = sorted(os.listdir(vis))
+    assert len(files) == 4 and sum(f.endswith("_attention.png") for f in files) == 2, files
+    det = cv2.imread(os.path.join(vis, [f for f in files if f.endswith("_detections.png")][0]))
+    att = cv2.imread(os.path.join(vis, [f for f in files if f.endswith("_attention.png")][0]))
+    assert det.shape[:2] == (64, 64)
+    # image + one panel per level (P3-P7), 4 px separators, an 18 px label bar.
+    assert att.shape[:2] == (64 + 18, 6 * 64 + 5 * 4)

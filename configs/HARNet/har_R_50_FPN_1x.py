@@ -8,7 +8,10 @@ LazyConfig with HAR-Net's full hybrid attention. It builds the same model as the
 """
 from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
+from detectron2.config import get_cfg
 
+from harnet import add_harnet_config
+from harnet.layers.postprocess import postprocess_params_from_cfg
 from harnet.modeling import AlignedAttention, AlignedResNet, HARRetinaNet, HARRetinaNetHead
 from harnet.solver import get_optimizer_params
 
@@ -53,9 +56,10 @@ model.head.update(
     dual_predictor=True,
 )
 model.predictor_loss_weights = [0.5, 0.5]
-# Keyword arguments of harnet.layers.postprocess.suppress_detections: hard NMS at 0.5 and
-# 100 detections per image, i.e. RetinaNet's own post-processing.
-model.postprocess_params = dict(nms_type="hard", iou_threshold=0.5, max_detections=100)
+# Keyword arguments of harnet.layers.postprocess.suppress_detections: the defaults of
+# MODEL.HARNET.POSTPROCESS (with Detectron2's NMS_THRESH_TEST 0.5 and 100 detections),
+# taken from the yacs defaults so the twin post-processes as the yaml does.
+model.postprocess_params = postprocess_params_from_cfg(add_harnet_config(get_cfg()))
 
 # Honour modules' lr_factor (the aligned blocks' offset convs train at 0.1x lr).
 optimizer.params._target_ = get_optimizer_params

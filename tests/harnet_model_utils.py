@@ -1,5 +1,6 @@
 """Helpers shared by the model tests: tiny configs and inputs (ResNet-18, 32-channel FPN,
 images of 40-128 px) so every variant builds and runs in well under a second on a CPU."""
+
 import os
 
 import torch
@@ -73,7 +74,9 @@ def make_inputs(with_instances=True, sizes=((96, 128), (40, 52)), output_sizes=N
         if output_sizes is not None:
             d["height"], d["width"] = output_sizes[i]
         if with_instances:
-            boxes = torch.tensor([[2.0, 3.0, w * 0.6, h * 0.7], [w * 0.3, h * 0.2, w - 1.0, h - 2.0]])
+            boxes = torch.tensor(
+                [[2.0, 3.0, w * 0.6, h * 0.7], [w * 0.3, h * 0.2, w - 1.0, h - 2.0]]
+            )
             d["instances"] = Instances(
                 (h, w), gt_boxes=Boxes(boxes), gt_classes=torch.tensor([i % 3, 2])
             )

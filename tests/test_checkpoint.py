@@ -1,5 +1,6 @@
 """Checkpoints across model variants (two-step training, Detectron2 RetinaNet weights) and the
 optimizer's learning-rate factors."""
+
 import contextlib
 import copy
 import logging
@@ -17,7 +18,12 @@ from harnet_model_utils import har_cfg, make_inputs, perturb_, retinanet_cfg, si
 
 _single_thread = pytest.fixture(scope="module", autouse=True)(single_thread)
 
-ATTENTION_MARKERS = ("spatial_attention", "channel_attention", "channel_cls_score", "channel_bbox_pred")
+ATTENTION_MARKERS = (
+    "spatial_attention",
+    "channel_attention",
+    "channel_cls_score",
+    "channel_bbox_pred",
+)
 
 
 @contextlib.contextmanager
@@ -72,7 +78,11 @@ def test_step2_starts_from_step1_checkpoint(tmp_path):
         assert torch.equal(sd2[k], before[k]), k
     # ...and are listed in the log as missing.
     assert "not found in the checkpoint" in log
-    for prefix in ("head.spatial_attention.0", "head.cls_channel_attention", "head.channel_cls_score"):
+    for prefix in (
+        "head.spatial_attention.0",
+        "head.cls_channel_attention",
+        "head.channel_cls_score",
+    ):
         assert prefix in log
     assert "unexpected" not in log.lower()
 

@@ -1,5 +1,6 @@
 """configs/HARNet: every yaml builds the model it describes, the LazyConfig twin builds the
 same model as its yaml, and bad values fail with errors that name the key."""
+
 import copy
 import glob
 import os
@@ -102,7 +103,8 @@ def test_authors_config():
     widths = (sizes[:, 2] - sizes[:, 0]).tolist()
     # 32 and 32*sqrt(2) x ratios {0.5, 1, 2} on P3.
     assert sorted({round(w * h) for w, h in zip(widths, (sizes[:, 3] - sizes[:, 1]).tolist())}) == [
-        1024, 2048
+        1024,
+        2048,
     ]
     assert model.smooth_l1_beta == 0.01 and model.box_reg_loss_type == "smooth_l1"
     assert tuple(model.box2box_transform.weights) == (1.0, 1.0, 1.0, 1.0)
@@ -158,9 +160,11 @@ def test_lazy_twin_same_outputs_with_same_weights(yaml_and_lazy):
         m.train()
         with EventStorage():
             losses.append(m(copy.deepcopy(inputs)))
-    assert set(losses[0]) == set(losses[1]) == {
-        "loss_cls", "loss_box_reg", "loss_cls_channel", "loss_box_reg_channel"
-    }
+    assert (
+        set(losses[0])
+        == set(losses[1])
+        == {"loss_cls", "loss_box_reg", "loss_cls_channel", "loss_box_reg_channel"}
+    )
     for k in losses[0]:
         assert torch.equal(losses[0][k], losses[1][k]), k
     outs = []

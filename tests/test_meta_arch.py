@@ -1,5 +1,6 @@
 """HARRetinaNet against Detectron2's RetinaNet and against the reference's definitions
 (dual predictor losses, averaged inference, candidates + suppression, attention maps)."""
+
 import copy
 import math
 
@@ -121,7 +122,8 @@ def test_variant_forward_backward_reaches_every_parameter(name):
     assert all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
     no_grad = [
-        n for n, p in model.named_parameters()
+        n
+        for n, p in model.named_parameters()
         if p.requires_grad and (p.grad is None or not torch.any(p.grad != 0))
     ]
     assert not no_grad, f"parameters without gradient: {no_grad}"
@@ -215,8 +217,9 @@ def test_head_definition_from_its_parts(full_model):
     for l, (a, b) in enumerate(zip(a_deltas, b_deltas)):
         torch.testing.assert_close(deltas[l], 0.5 * (a + b), rtol=1e-5, atol=1e-6)
     # The 4th-conv CLGN of a fresh head starts at 0.1, the others at 1.
-    fresh = HARRetinaNetHead(har_cfg(), [full_model.backbone.output_shape()[f] for f in
-                                          ("p3", "p4", "p5", "p6", "p7")])
+    fresh = HARRetinaNetHead(
+        har_cfg(), [full_model.backbone.output_shape()[f] for f in ("p3", "p4", "p5", "p6", "p7")]
+    )
     assert torch.all(fresh.cls_subnet_norm[3].weight == 0.1)
     assert torch.all(fresh.bbox_subnet_norm[0].weight == 1.0)
 

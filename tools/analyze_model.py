@@ -16,6 +16,7 @@ sampling they add (4 multiply-adds per sampled value, i.e. 4 / C_out of the conv
 Example:
     python tools/analyze_model.py --runs 3 --warmup 1
 """
+
 import argparse
 import os
 import statistics
@@ -117,7 +118,7 @@ def flop_count(model, inputs):
     by_module = flops.by_module()
     # TracingAdapter wraps the model as ".model"; strip that prefix.
     by_module = {
-        (k[len("model."):] if k.startswith("model.") else ("" if k == "model" else k)): v
+        (k[len("model.") :] if k.startswith("model.") else ("" if k == "model" else k)): v
         for k, v in by_module.items()
     }
     # Each module's own flops (its total minus its children's): a partition of the total
@@ -148,21 +149,34 @@ def report_size(har_model, base_model, har_params, base_params, param_sizes, inp
     ]
     for name in RETINANET_GROUPS:
         rows.append(
-            [f"  RetinaNet part: {name}", f"{ret_params[name] / 1e6:.2f}",
-             f"{100 * ret_params[name] / P:.1f}", f"{ret_flops[name] / 1e9:.1f}",
-             f"{100 * ret_flops[name] / F:.1f}"]
+            [
+                f"  RetinaNet part: {name}",
+                f"{ret_params[name] / 1e6:.2f}",
+                f"{100 * ret_params[name] / P:.1f}",
+                f"{ret_flops[name] / 1e9:.1f}",
+                f"{100 * ret_flops[name] / F:.1f}",
+            ]
         )
     for name in MODULE_GROUPS:
         rows.append(
-            [f"  HARNet module: {name}", f"{mod_params[name] / 1e6:.3f}",
-             f"{100 * mod_params[name] / P:.2f}", f"{mod_flops[name] / 1e9:.2f}",
-             f"{100 * mod_flops[name] / F:.2f}"]
+            [
+                f"  HARNet module: {name}",
+                f"{mod_params[name] / 1e6:.3f}",
+                f"{100 * mod_params[name] / P:.2f}",
+                f"{mod_flops[name] / 1e9:.2f}",
+                f"{100 * mod_flops[name] / F:.2f}",
+            ]
         )
     unclaimed_p = P - sum(mod_params.values()) - sum(ret_params.values())
     unclaimed_f = F - sum(mod_flops.values()) - sum(ret_flops.values())
     rows.append(["  other", f"{unclaimed_p / 1e6:.3f}", "", f"{unclaimed_f / 1e9:.2f}", ""])
-    print(tabulate(rows, headers=["model / part", "params (M)", "% of HARNet", "GFLOPs",
-                                  "% of HARNet"], tablefmt="github"))
+    print(
+        tabulate(
+            rows,
+            headers=["model / part", "params (M)", "% of HARNet", "GFLOPs", "% of HARNet"],
+            tablefmt="github",
+        )
+    )
     print(
         f"\nHARNet / RetinaNet: parameters x{P / base_params['']:.3f} "
         f"(+{(P - base_params['']) / 1e6:.2f} M), FLOPs x{F / base_flops:.3f} "
@@ -171,7 +185,6 @@ def report_size(har_model, base_model, har_params, base_params, param_sizes, inp
     for label, unsupported in (("HARNet", har_unsupported), ("RetinaNet", base_unsupported)):
         if unsupported:
             print(f"ops not counted ({label}): {unsupported}")
-
 
 
 def time_models(models, inputs, warmup, runs):
@@ -236,8 +249,10 @@ def main(argv=None):
 
     # ---- flops
     if args.skip_flops:
-        print(f"parameters: RetinaNet {base_params[''] / 1e6:.2f} M, HARNet "
-              f"{har_params[''] / 1e6:.2f} M")
+        print(
+            f"parameters: RetinaNet {base_params[''] / 1e6:.2f} M, HARNet "
+            f"{har_params[''] / 1e6:.2f} M"
+        )
     else:
         report_size(har_model, base_model, har_params, base_params, param_sizes, inputs)
 
@@ -257,9 +272,10 @@ def main(argv=None):
             f"{fastest['RetinaNet']:.2f} s, HARNet {fastest['HARNet']:.2f} s, ratio "
             f"{fastest['HARNet'] / fastest['RetinaNet']:.2f}"
         )
-        print("all runs (s): " + ", ".join(
-            f"{k}: [{', '.join(f'{t:.2f}' for t in v)}]" for k, v in all_times.items()
-        ))
+        print(
+            "all runs (s): "
+            + ", ".join(f"{k}: [{', '.join(f'{t:.2f}' for t in v)}]" for k, v in all_times.items())
+        )
 
 
 if __name__ == "__main__":

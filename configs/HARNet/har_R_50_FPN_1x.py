@@ -6,6 +6,7 @@ LazyConfig with HAR-Net's full hybrid attention. It builds the same model as the
     cfg = LazyConfig.load("configs/HARNet/har_R_50_FPN_1x.py")
     model = instantiate(cfg.model)
 """
+
 from detectron2 import model_zoo
 from detectron2.config import LazyCall as L
 from detectron2.config import get_cfg

@@ -1,4 +1,5 @@
 """Optimizer of HARNet: Detectron2's default parameter groups plus per-module lr factors."""
+
 from typing import Any, Dict, List, Optional
 
 import torch

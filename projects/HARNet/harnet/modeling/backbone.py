@@ -1,5 +1,6 @@
 """ResNet-FPN backbone of HAR-Net: Detectron2's RetinaNet backbone with aligned attention
 on chosen bottom-up outputs (C4, C5) before the FPN."""
+
 from typing import List, Sequence
 
 from torch import nn
@@ -34,7 +35,9 @@ class AlignedResNet(ResNet):
 
     def __init__(self, resnet: ResNet, in_features: Sequence[str], refiners: Sequence[nn.Module]):
         if not isinstance(resnet, ResNet):
-            raise TypeError(f"AlignedResNet: resnet must be a detectron2 ResNet, got {type(resnet)}")
+            raise TypeError(
+                f"AlignedResNet: resnet must be a detectron2 ResNet, got {type(resnet)}"
+            )
         if resnet.num_classes is not None:
             raise ValueError("AlignedResNet: resnet must have no classifier (num_classes=None)")
         in_features = list(in_features)

@@ -1,5 +1,6 @@
 """The HAR-Net head: RetinaNet towers with cross-level group norm, per-level spatial attention,
 cross-level SE channel attention and a second predictor pair."""
+
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -112,7 +113,8 @@ class HARRetinaNetHead(RetinaNetHead):
         # --- Spatial attention, one branch per level (or one shared) ---
         if spatial_mode not in SPATIAL_MODES:
             raise ValueError(
-                f"HARRetinaNetHead: spatial_mode must be one of {SPATIAL_MODES}, got {spatial_mode!r}"
+                f"HARRetinaNetHead: spatial_mode must be one of {SPATIAL_MODES}, "
+                f"got {spatial_mode!r}"
             )
         self.spatial_mode = spatial_mode
         self.use_spatial = spatial_dilations is not None
@@ -177,7 +179,8 @@ class HARRetinaNetHead(RetinaNetHead):
             if cfg.MODEL.RETINANET.NORM:
                 raise ValueError(
                     f"MODEL.RETINANET.NORM={cfg.MODEL.RETINANET.NORM!r} cannot be combined with "
-                    "MODEL.HARNET.CLGN.ENABLED=True (both normalise the towers); set one of them off"
+                    "MODEL.HARNET.CLGN.ENABLED=True (both normalise the towers); "
+                    "set one of them off"
                 )
             if har.CLGN.NUM_GROUPS <= 0 or channels % har.CLGN.NUM_GROUPS != 0:
                 raise ValueError(

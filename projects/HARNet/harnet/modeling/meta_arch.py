@@ -1,4 +1,5 @@
 """HARRetinaNet: Detectron2's RetinaNet with HAR-Net's hybrid attention."""
+
 import math
 from typing import Dict, List, Optional, Sequence
 
@@ -81,7 +82,9 @@ class HARRetinaNet(RetinaNet):
             cfg, len(cfg.MODEL.RETINANET.IN_FEATURES), cfg.MODEL.FPN.OUT_CHANNELS
         )
         ret = super().from_config(cfg)
-        feature_shapes = [ret["backbone"].output_shape()[f] for f in cfg.MODEL.RETINANET.IN_FEATURES]
+        feature_shapes = [
+            ret["backbone"].output_shape()[f] for f in cfg.MODEL.RETINANET.IN_FEATURES
+        ]
         ret["head"] = HARRetinaNetHead(cfg, feature_shapes)
         channel = cfg.MODEL.HARNET.CHANNEL
         if channel.ENABLED and channel.DUAL_PREDICTOR:
@@ -158,9 +161,13 @@ class HARRetinaNet(RetinaNet):
                     del self.loss_normalizer
                 else:
                     self.loss_normalizer = ema_before
-            pred_logits, pred_deltas = self._transpose_dense_predictions(pred, [self.num_classes, 4])
+            pred_logits, pred_deltas = self._transpose_dense_predictions(
+                pred, [self.num_classes, 4]
+            )
             suffix = "" if i == 0 else ("_channel" if i == 1 else f"_{i}")
-            for name, value in self.losses(anchors, pred_logits, gt_labels, pred_deltas, gt_boxes).items():
+            for name, value in self.losses(
+                anchors, pred_logits, gt_labels, pred_deltas, gt_boxes
+            ).items():
                 losses[name + suffix] = value * weight
         return losses
 
@@ -170,7 +177,11 @@ class HARRetinaNet(RetinaNet):
         :meth:`RetinaNet.inference_single_image` for the arguments)."""
         return self.suppress(
             self._decode_multi_level_predictions(
-                anchors, box_cls, box_delta, self.test_score_thresh, self.test_topk_candidates,
+                anchors,
+                box_cls,
+                box_delta,
+                self.test_score_thresh,
+                self.test_topk_candidates,
                 image_size,
             )
         )
@@ -185,7 +196,9 @@ class HARRetinaNet(RetinaNet):
             ``self.postprocess_params`` (same image_size), sorted by decreasing score.
         """
         boxes, scores, classes = suppress_detections(
-            instances.pred_boxes.tensor, instances.scores, instances.pred_classes,
+            instances.pred_boxes.tensor,
+            instances.scores,
+            instances.pred_classes,
             **self.postprocess_params,
         )
         return Instances(

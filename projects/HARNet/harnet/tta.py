@@ -1,0 +1,152 @@
+"""Test-time augmentation for HARRetinaNet (Detectron2's own TTA only serves R-CNN models)."""
+import copy
+from typing import Dict, List
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from detectron2.data.detection_utils import read_image
+from detectron2.data.transforms import ResizeShortestEdge
+from detectron2.modeling import DatasetMapperTTA
+from detectron2.modeling.postprocessing import detector_postprocess
+from detectron2.structures import Boxes, Instances
+
+__all__ = ["HARRetinaNetWithTTA"]
+
+
+class HARRetinaNetWithTTA(nn.Module):
+    """
+    A :class:`HARRetinaNet` with test-time augmentation: the single-stage counterpart of
+    Detectron2's :class:`GeneralizedRCNNWithTTA`, with the same interface (call it like the
+    model in inference: a list of dataset dicts in, a list of ``{"instances": Instances}``
+    out, in the original image resolution), so it works in ``inference_on_dataset``.
+
+    For each image: the views of ``tta_mapper`` (by default Detectron2's
+    :class:`DatasetMapperTTA`: every short side of ``cfg.TEST.AUG.MIN_SIZES`` with long
+    side <= ``TEST.AUG.MAX_SIZE``, each also flipped when ``TEST.AUG.FLIP``) go through
+    ``model.forward_candidates``; every view's candidates *before* suppression are mapped
+    back to the original image (inverse resize / flip), optionally selected by size
+    (``TEST.AUG.SIZE_SELECT``: down-scaled views give no box smaller than ``SMALL_AREA``,
+    up-scaled ones none larger than ``LARGE_AREA``, relative to the plain test scale
+    ``INPUT.MIN_SIZE_TEST``), concatenated, and suppressed once by ``model.suppress`` (the
+    model's NMS / soft-NMS / voting / detections-per-image settings). So overlapping
+    detections of different views are merged like those of one view, as the paper's
+    double-scale testing does.
+    """
+
+    def __init__(self, cfg, model, tta_mapper=None, batch_size: int = 3):
+        """
+        Args:
+            cfg (CfgNode): a config with HARNet's keys (``harnet.add_harnet_config``).
+            model (HARRetinaNet): the detector, or a DistributedDataParallel wrapping it;
+                any model with ``forward_candidates(batched_inputs, do_postprocess)`` and
+                ``suppress(instances)`` works.
+            tta_mapper (callable): takes a dataset dict, returns the list of its augmented
+                versions, each with a "transforms" field (original image -> view).
+                Defaults to ``DatasetMapperTTA(cfg)``.
+            batch_size (int): number of views run through the model together.
+        """
+        super().__init__()
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
+        if not all(callable(getattr(model, m, None)) for m in ("forward_candidates", "suppress")):
+            raise TypeError(
+                "HARRetinaNetWithTTA needs a model with forward_candidates() and suppress() "
+                f"(HARRetinaNet), got {type(model).__name__}"
+            )
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.cfg = cfg.clone()
+        self.model = model
+        self.tta_mapper = tta_mapper if tta_mapper is not None else DatasetMapperTTA(cfg)
+        self.batch_size = int(batch_size)
+
+        select = cfg.TEST.AUG.get("SIZE_SELECT", None)
+        self.size_select = bool(select is not None and select.ENABLED)
+        if self.size_select:
+            small, large = float(select.SMALL_AREA), float(select.LARGE_AREA)
+            if not 0 <= small <= large:
+                raise ValueError(
+                    "cfg.TEST.AUG.SIZE_SELECT.SMALL_AREA and LARGE_AREA must satisfy "
+                    f"0 <= SMALL_AREA <= LARGE_AREA, got {small} and {large}"
+                )
+            self.small_area, self.large_area = small, large
+        self.test_min_size = cfg.INPUT.MIN_SIZE_TEST
+        self.test_max_size = cfg.INPUT.MAX_SIZE_TEST
+
+    @torch.no_grad()
+    def forward(self, batched_inputs: List[Dict]) -> List[Dict[str, Instances]]:
+        """
+        Args:
+            batched_inputs: dataset dicts as in the model's inference ("image" CHW tensor,
+                or "file_name" to read; "height"/"width" of the original image).
+
+        Returns:
+            list[dict]: per image, {"instances": Instances} in the original resolution.
+        """
+        return [self._inference_one_image(self._maybe_read_image(x)) for x in batched_inputs]
+
+    def _maybe_read_image(self, dataset_dict):
+        ret = copy.copy(dataset_dict)
+        if "image" not in ret:
+            image = read_image(ret.pop("file_name"), self.model.input_format)
+            ret["image"] = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        if "height" not in ret or "width" not in ret:
+            ret["height"], ret["width"] = ret["image"].shape[1:3]
+        return ret
+
+    def _inference_one_image(self, input):
+        height, width = int(input["height"]), int(input["width"])
+        views = self.tta_mapper(input)
+        transforms = [v.pop("transforms") for v in views]
+        candidates = []
+        for start in range(0, len(views), self.batch_size):
+            candidates.extend(
+                self.model.forward_candidates(
+                    views[start:start + self.batch_size], do_postprocess=False
+                )
+            )
+        boxes, scores, classes = [], [], []
+        for view, tfm, cand in zip(views, transforms, candidates):
+            view_boxes = self._to_original(cand.pred_boxes.tensor, tfm)
+            keep = self._select_by_size(view_boxes, view["image"].shape[1:3], (height, width))
+            boxes.append(view_boxes[keep])
+            scores.append(cand.scores[keep])
+            classes.append(cand.pred_classes[keep])
+        merged = Instances(
+            (height, width),
+            pred_boxes=Boxes(torch.cat(boxes)),
+            scores=torch.cat(scores),
+            pred_classes=torch.cat(classes),
+        )
+        # As the model's own inference: suppression, then clipping / empty-box removal.
+        return {"instances": detector_postprocess(self.model.suppress(merged), height, width)}
+
+    @staticmethod
+    def _to_original(boxes: torch.Tensor, tfm) -> torch.Tensor:
+        """Boxes of a view (network-input resolution) in the original image's coordinates."""
+        if boxes.numel() == 0:
+            return boxes
+        original = tfm.inverse().apply_box(boxes.detach().cpu().numpy())
+        return torch.as_tensor(original, dtype=boxes.dtype).to(boxes.device)
+
+    def _select_by_size(self, boxes, view_hw, orig_hw) -> slice:
+        """Detectron-style size-dependent selection; all boxes when disabled or at the
+        plain test scale."""
+        if not self.size_select or boxes.numel() == 0:
+            return slice(None)
+        if self.test_min_size > 0:
+            test_hw = ResizeShortestEdge.get_output_shape(
+                orig_hw[0], orig_hw[1], self.test_min_size, self.test_max_size
+            )
+        else:
+            test_hw = orig_hw
+        view_short, test_short = min(view_hw), min(test_hw)
+        if view_short == test_short:
+            return slice(None)
+        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        if view_short > test_short:  # up-scaled view: good at small objects only
+            return area <= self.large_area
+        return area >= self.small_area  # down-scaled view: good at large objects only

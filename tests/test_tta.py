@@ -1,0 +1,211 @@
+"""HARRetinaNetWithTTA on a tiny HARRetinaNet (ResNet-18, 32-channel FPN, random weights with
+a zero score threshold so that there are detections)."""
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from detectron2.evaluation import DatasetEvaluator, inference_on_dataset
+from detectron2.modeling import DatasetMapperTTA, build_model
+from detectron2.structures import Boxes
+
+from harnet import HARRetinaNetWithTTA
+from harnet_model_utils import har_cfg, perturb_, single_thread
+
+_single_thread = pytest.fixture(scope="module", autouse=True)(single_thread)
+
+
+def _cfg(min_sizes=(64,), flip=False):
+    cfg = har_cfg()
+    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 64, 128
+    cfg.TEST.AUG.MIN_SIZES, cfg.TEST.AUG.MAX_SIZE, cfg.TEST.AUG.FLIP = min_sizes, 128, flip
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = perturb_(build_model(_cfg()), scale=0.2).eval()
+    return m
+
+
+def _input(h=64, w=96, height=None, width=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    image = (torch.rand(3, h, w, generator=g) * 255).to(torch.uint8)
+    return {"image": image, "height": height or h, "width": width or w}
+
+
+def _assert_same(a, b, exact=False):
+    assert a.image_size == b.image_size and len(a) == len(b) > 0
+    assert torch.equal(a.pred_classes, b.pred_classes)
+    if exact:
+        assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor)
+        assert torch.equal(a.scores, b.scores)
+    else:
+        torch.testing.assert_close(a.pred_boxes.tensor, b.pred_boxes.tensor, atol=1e-3, rtol=1e-5)
+        torch.testing.assert_close(a.scores, b.scores)
+
+
+@pytest.mark.parametrize("post", ["hard", "gaussian+caffe voting"])
+def test_one_scale_without_flip_equals_the_model(model, post):
+    params = dict(model.postprocess_params)
+    if post != "hard":
+        model.postprocess_params.update(nms_type="gaussian", voting=True, voting_scoring="caffe")
+    try:
+        tta = HARRetinaNetWithTTA(_cfg(), model)
+        with torch.no_grad():
+            for inp in (_input(), _input(height=128, width=192, seed=1)):  # also a 2x output
+                expected = model([copy.deepcopy(inp)])[0]["instances"]
+                got = tta([copy.deepcopy(inp)])[0]["instances"]
+                _assert_same(got, expected, exact=inp["height"] == 64)
+    finally:
+        model.postprocess_params = params
+
+
+def _only_flipped(cfg):
+    mapper = DatasetMapperTTA(cfg)
+    return lambda d: [v for v in mapper(d) if "HFlip" in str(v["transforms"])]
+
+
+def test_flipped_view_maps_back_onto_the_original_boxes(model):
+    inp = _input(seed=2)
+    tta = HARRetinaNetWithTTA(_cfg(flip=True), model, tta_mapper=_only_flipped(_cfg(flip=True)))
+    got = tta([copy.deepcopy(inp)])[0]["instances"]
+    # The model on the mirrored image, its boxes mirrored back by hand.
+    mirrored = dict(inp, image=inp["image"].flip(-1))
+    with torch.no_grad():
+        expected = model([mirrored])[0]["instances"]
+    b = expected.pred_boxes.tensor
+    expected.pred_boxes = Boxes(torch.stack([96 - b[:, 2], b[:, 1], 96 - b[:, 0], b[:, 3]], dim=1))
+    _assert_same(got, expected)
+    # ... and they differ from the unflipped image's detections (the check is not vacuous).
+    with torch.no_grad():
+        plain = model([copy.deepcopy(inp)])[0]["instances"]
+    assert len(plain) != len(got) or not torch.allclose(plain.pred_boxes.tensor, got.pred_boxes.tensor)
+
+
+def _by_hand_to_original(boxes, view_hw, flipped, orig_hw=(64, 96)):
+    (vh, vw), (h, w) = view_hw, orig_hw
+    if flipped:
+        boxes = torch.stack([vw - boxes[:, 2], boxes[:, 1], vw - boxes[:, 0], boxes[:, 3]], 1)
+    return boxes * torch.tensor([w / vw, h / vh] * 2)
+
+
+def test_views_are_batched_and_merged_before_one_suppression(model):
+    # Two scales x flip = 4 views in batches of 3: the result is one suppression of all the
+    # views' candidates mapped back (checked with NMS that suppresses nothing).
+    cfg = _cfg(min_sizes=(48, 80), flip=True)
+    params = dict(model.postprocess_params)
+    model.postprocess_params.update(iou_threshold=1.0, max_detections=100000)
+    try:
+        inp = _input(seed=3)
+        got = HARRetinaNetWithTTA(cfg, model, batch_size=3)([copy.deepcopy(inp)])[0]["instances"]
+        views = DatasetMapperTTA(cfg)(copy.deepcopy(inp))
+        flipped = ["HFlip" in str(v.pop("transforms")) for v in views]
+        with torch.no_grad():  # the same batches: padding makes results batch-dependent
+            cands = model.forward_candidates(views[:3], False) + model.forward_candidates(views[3:], False)
+        boxes, scores = [], []
+        for cand, flip in zip(cands, flipped):
+            boxes.append(_by_hand_to_original(cand.pred_boxes.tensor, cand.image_size, flip))
+            scores.append(cand.scores)
+    finally:
+        model.postprocess_params = params
+    boxes, scores = Boxes(torch.cat(boxes)), torch.cat(scores)
+    boxes.clip((64, 96))
+    keep = boxes.nonempty()
+    order = scores[keep].sort(descending=True, stable=True)[1]
+    assert len(got) == len(order) > 400
+    torch.testing.assert_close(got.scores, scores[keep][order])
+    # Equal scores make the order of their boxes arbitrary: compare them as sets.
+    got_sorted = sorted(map(tuple, torch.cat([got.scores[:, None], got.pred_boxes.tensor], 1).tolist()))
+    exp = torch.cat([scores[keep][:, None], boxes.tensor[keep]], 1)
+    exp_sorted = sorted(map(tuple, exp.tolist()))
+    torch.testing.assert_close(torch.tensor(got_sorted), torch.tensor(exp_sorted), atol=1e-3, rtol=1e-5)
+
+
+def test_size_selection(model):
+    cfg = _cfg(min_sizes=(40, 64, 96), flip=False)
+    small, large = 24.0**2, 48.0**2
+    cfg.TEST.AUG.SIZE_SELECT.ENABLED = True
+    cfg.TEST.AUG.SIZE_SELECT.SMALL_AREA, cfg.TEST.AUG.SIZE_SELECT.LARGE_AREA = small, large
+    params = dict(model.postprocess_params)
+    model.postprocess_params.update(iou_threshold=1.0, max_detections=100000)
+    try:
+        inp = _input(seed=4)
+        got = HARRetinaNetWithTTA(cfg, model)([copy.deepcopy(inp)])[0]["instances"]
+        expected, dropped = [], 0
+        views = DatasetMapperTTA(cfg)(copy.deepcopy(inp))
+        for view in views:
+            view.pop("transforms")
+        with torch.no_grad():  # one batch of 3 views, as the TTA runs them
+            cands = model.forward_candidates(views, do_postprocess=False)
+        for view, cand in zip(views, cands):
+            short = min(view["image"].shape[1:])
+            # Back to the 64 x 96 original by hand (no flip here), then the area rule.
+            s = torch.tensor([96 / view["image"].shape[2], 64 / view["image"].shape[1]] * 2)
+            boxes = cand.pred_boxes.tensor * s
+            area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+            # Views: short side 40 (down-scaled), 64 (the test scale), 85 (up-scaled; the
+            # long side is capped at 128).
+            if short < 64:
+                keep = area >= small
+            elif short > 64:
+                keep = area <= large
+            else:
+                keep = torch.ones_like(area, dtype=torch.bool)
+            dropped += int((~keep).sum())
+            boxes = Boxes(boxes[keep])
+            boxes.clip((64, 96))
+            expected.append(cand.scores[keep][boxes.nonempty()])
+    finally:
+        model.postprocess_params = params
+    assert dropped > 0
+    torch.testing.assert_close(got.scores, torch.cat(expected).sort(descending=True)[0])
+
+
+class _Collect(DatasetEvaluator):
+    def reset(self):
+        self.outputs = []
+
+    def process(self, inputs, outputs):
+        self.outputs.extend(o["instances"] for o in outputs)
+
+    def evaluate(self):
+        return {"num_detections": sum(len(o) for o in self.outputs)}
+
+
+def test_inside_inference_on_dataset_and_with_ddp(model, tmp_path):
+    cfg = _cfg(min_sizes=(48, 64), flip=True)
+    loader = [[_input(seed=5)], [_input(h=80, w=60, seed=6)]]  # a plain list loader
+    evaluator = _Collect()
+    model.train()  # inference_context switches to eval and back
+    try:
+        results = inference_on_dataset(HARRetinaNetWithTTA(cfg, model), loader, evaluator)
+        assert model.training
+    finally:
+        model.eval()
+    assert results["num_detections"] > 0
+    direct = HARRetinaNetWithTTA(cfg, model)([copy.deepcopy(b[0]) for b in loader])
+    for a, b in zip(evaluator.outputs, direct):
+        _assert_same(a, b["instances"], exact=True)
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        wrapped = HARRetinaNetWithTTA(cfg, DistributedDataParallel(model))
+        assert wrapped.model is model
+        out = wrapped([copy.deepcopy(loader[0][0])])[0]["instances"]
+        _assert_same(out, direct[0]["instances"], exact=True)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_bad_model_and_config_raise(model):
+    with pytest.raises(TypeError, match="forward_candidates"):
+        HARRetinaNetWithTTA(_cfg(), torch.nn.Linear(2, 2))
+    cfg = _cfg()
+    cfg.TEST.AUG.SIZE_SELECT.ENABLED = True
+    cfg.TEST.AUG.SIZE_SELECT.SMALL_AREA = 200.0**2  # above LARGE_AREA (180**2)
+    with pytest.raises(ValueError, match="SIZE_SELECT.SMALL_AREA"):
+        HARRetinaNetWithTTA(cfg, model)

@@ -63,11 +63,9 @@ def box_voting(
         voted_scores (Tensor[K]): their scores, in the same order (not re-sorted).
     """
     _check_voting_inputs(boxes, scores, candidate_boxes, candidate_scores, iou_threshold, scoring)
-    zeros_k = torch.zeros(boxes.shape[0], dtype=torch.int64, device=boxes.device)
-    zeros_m = torch.zeros(candidate_boxes.shape[0], dtype=torch.int64, device=boxes.device)
     return _box_voting(
-        boxes, scores, zeros_k, candidate_boxes, candidate_scores, zeros_m,
-        float(iou_threshold), scoring,
+        boxes, scores, None, candidate_boxes, candidate_scores, None, float(iou_threshold),
+        scoring,
     )
 
 
@@ -131,13 +129,16 @@ def _check_voting_inputs(boxes, scores, candidate_boxes, candidate_scores, iou_t
 
 
 def _iou_blocks(boxes, idxs, candidate_boxes, candidate_idxs):
-    """Yields (start, IoU block) over row chunks of the kept boxes; -1 across categories."""
+    """Yields (start, IoU block) over row chunks of the kept boxes; -1 across categories
+    (idxs None: one category)."""
     k, m = boxes.shape[0], candidate_boxes.shape[0]
     step = max(1, _IOU_BLOCK_BUDGET // max(m, 1))
     for start in range(0, k, step):
-        b, c = boxes[start:start + step], idxs[start:start + step]
-        iou = pairwise_iou(b, candidate_boxes)
-        yield start, iou.masked_fill_(c[:, None] != candidate_idxs[None, :], -1.0)
+        iou = pairwise_iou(boxes[start:start + step], candidate_boxes)
+        if idxs is not None:
+            other = idxs[start:start + step, None] != candidate_idxs[None, :]
+            iou.masked_fill_(other, -1.0)
+        yield start, iou
 
 
 def _box_voting(boxes, scores, idxs, cand_boxes, cand_scores, cand_idxs, iou_threshold,
@@ -156,23 +157,24 @@ def _box_voting(boxes, scores, idxs, cand_boxes, cand_scores, cand_idxs, iou_thr
     else:
         weight_sum = torch.zeros(k, dtype=dtype, device=b.device)
         weighted_boxes = torch.zeros((k, 4), dtype=dtype, device=b.device)
-        count = torch.zeros(k, dtype=dtype, device=b.device)
-        best = torch.zeros(k, dtype=dtype, device=b.device)
+        stat = torch.zeros(k, dtype=dtype, device=b.device)  # voters' max score or count
         for start, iou in _iou_blocks(b, idxs, cb, cand_idxs):
-            votes = iou >= iou_threshold
-            w = cs * votes
+            w = (iou >= iou_threshold).to(dtype)
             rows = slice(start, start + iou.shape[0])
+            if scoring == "avg":
+                stat[rows] = w.sum(dim=1)
+            w.mul_(cs)  # voters' scores, 0 elsewhere (scores are >= 0)
+            if scoring == "max":
+                stat[rows] = w.amax(dim=1)
             weight_sum[rows] = w.sum(dim=1)
             weighted_boxes[rows] = w @ cb
-            count[rows] = votes.sum(dim=1)
-            best[rows] = torch.where(votes, cs, torch.zeros_like(cs)).amax(dim=1)
         has = weight_sum > 0
         safe = torch.where(has, weight_sum, torch.ones_like(weight_sum))
         voted_boxes = weighted_boxes / safe[:, None]
         if scoring == "max":
-            voted_scores = best
+            voted_scores = stat
         elif scoring == "avg":
-            voted_scores = weight_sum / count.clamp(min=1)
+            voted_scores = weight_sum / stat.clamp(min=1)
         else:  # "keep"
             voted_scores = scores.to(dtype)
     out_boxes[has] = voted_boxes[has].to(out_boxes.dtype)

@@ -215,6 +215,7 @@ def _greedy_soft_nms(
         )
 
     W = pair_weights()
+    x1, y1, x2, y2 = C.unbind(0)
     kept_index, kept_scores = [], []
     step, next_check = 0, 1
     while True:
@@ -225,10 +226,10 @@ def _greedy_soft_nms(
         if W is not None:
             w = W.gather(1, j[:, :, None].expand(-1, -1, W.shape[2])).squeeze(1)
         else:
-            p = C.gather(2, j[None].expand(4, -1, -1))  # the picked boxes, (4, rows, 1)
-            inter = torch.minimum(C[2], p[2]).sub_(torch.maximum(C[0], p[0])).clamp_(min=0)
-            ih = torch.minimum(C[3], p[3]).sub_(torch.maximum(C[1], p[1])).clamp_(min=0)
-            inter.mul_(ih)
+            # The picked box of each row, each coordinate (rows, 1).
+            px1, py1, px2, py2 = C.gather(2, j[None].expand(4, -1, -1)).unbind(0)
+            inter = torch.minimum(x2, px2).sub_(torch.maximum(x1, px1)).clamp_(min=0)
+            inter.mul_(torch.minimum(y2, py2).sub_(torch.maximum(y1, py1)).clamp_(min=0))
             union = (area + area.gather(1, j)).sub_(inter)
             # union == 0 only for two empty boxes (then inter == 0 and IoU is 0).
             iou = inter.div_(union.clamp_(min=torch.finfo(dtype).tiny))
@@ -259,6 +260,7 @@ def _greedy_soft_nms(
             perm = perm[:, :width]
             r = live_rows[:, None]
             S, C, index, area = S[r, perm], C[:, r, perm], index[r, perm], area[r, perm]
+            x1, y1, x2, y2 = C.unbind(0)
             if W is not None:
                 W = W[live_rows[:, None, None], perm[:, :, None], perm[:, None, :]]
             else:

@@ -1,0 +1,256 @@
+#!/usr/bin/env python
+"""Benchmark HARNet's post-processing (soft-NMS, box voting) and test-time augmentation.
+
+``ops`` (default): soft-NMS / box voting / suppress_detections against torchvision's
+``batched_nms`` on the same input in the same run, on CPU and on GPU when available. Inputs
+are synthetic but shaped like a RetinaNet's candidates before suppression: clusters of
+jittered boxes around objects (more candidates for larger objects, scores falling with the
+jitter), weaker copies in confusable categories, and low-scoring background boxes.
+
+``model``: a HARRetinaNet (random weights: no checkpoint needed) on one image: the share of
+the post-processing (``model.suppress``) in the CPU inference time, and the time of
+single-scale vs double-scale vs double-scale + flip TTA.
+
+  python tools/benchmark_postprocess.py ops --repeats 20
+  python tools/benchmark_postprocess.py model --config-file configs/HARNet/har_R_50_FPN_1x.yaml
+
+Both print markdown tables (median milliseconds; ratios against the baseline measured in
+the same run).
+"""
+import argparse
+import copy
+import math
+import statistics
+import time
+
+import torch
+from torchvision.ops import batched_nms
+from tqdm import tqdm
+
+from harnet.layers import batched_box_voting, batched_soft_nms, suppress_detections
+
+AUTHORS = dict(nms_type="gaussian", soft_nms_sigma=0.5, soft_nms_min_score=0.001, voting=True,
+               voting_iou=0.6, voting_scoring="caffe", max_detections=400, min_score=0.05)
+
+
+def synthetic_candidates(
+    num_candidates=1000, num_classes=80, num_objects=12, image_hw=(800, 1200), dense=False,
+    seed=0, device="cpu",
+):
+    """RetinaNet-like candidates: (boxes Tensor[N,4], scores Tensor[N], classes Tensor[N])."""
+    g = torch.Generator().manual_seed(seed)
+    H, W = image_hw
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=g)
+
+    # Category frequencies: one dominant category (like COCO's person), then a long tail.
+    freq = 1.0 / torch.arange(1, num_classes + 1, dtype=torch.float64) ** 1.2
+    freq[0] *= 4
+    boxes, scores, classes = [], [], []
+    for _ in range(num_objects):
+        size = math.exp(math.log(16) + (math.log(500) - math.log(16)) * float(rand(1)))
+        aspect = math.exp(float(rand(1) - 0.5) * 1.5)
+        w, h = size * math.sqrt(aspect), size / math.sqrt(aspect)
+        cx, cy = float(rand(1)) * W, float(rand(1)) * H
+        cls = 0 if dense else int(torch.multinomial(freq, 1, generator=g))
+        conf = 0.3 + 0.65 * float(rand(1))
+        # Larger objects are seen by more anchors on more pyramid levels.
+        k = int(20 + 100 * min(1.0, size / 300))
+        confusions = [] if dense else [
+            (int(torch.multinomial(freq, 1, generator=g)), k // 3, conf * 0.35)
+            for _ in range(int(rand(1) * 3))
+        ]
+        for c, k_c, conf_c in [(cls, k, conf)] + confusions:
+            jit = torch.randn(k_c, 4, generator=g) * 0.12
+            bw, bh = w * torch.exp(jit[:, 2]), h * torch.exp(jit[:, 3])
+            bx, by = cx + jit[:, 0] * w, cy + jit[:, 1] * h
+            boxes.append(torch.stack([bx - bw / 2, by - bh / 2, bx + bw / 2, by + bh / 2], dim=1))
+            quality = torch.exp(-jit.abs().sum(1) * 4)  # 1 at the object, falling with jitter
+            scores.append(conf_c * quality * (0.7 + 0.3 * rand(k_c)))
+            classes.append(torch.full((k_c,), c, dtype=torch.int64))
+    nb = max(num_candidates // 10, 1)
+    xy, wh = rand(nb, 2) * torch.tensor([W, H]), 8 + rand(nb, 2) * 200
+    boxes.append(torch.cat([xy, xy + wh], dim=1))
+    scores.append(0.05 + 0.07 * rand(nb))
+    classes.append(
+        torch.zeros(nb, dtype=torch.int64) if dense
+        else torch.multinomial(freq, nb, replacement=True, generator=g)
+    )
+    boxes, scores, classes = torch.cat(boxes).float(), torch.cat(scores).float(), torch.cat(classes)
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, W)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, H)
+    keep = (scores > 0.05) & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    boxes, scores, classes = boxes[keep], scores[keep], classes[keep]
+    top = scores.argsort(descending=True)[:num_candidates]
+    return boxes[top].to(device), scores[top].to(device), classes[top].to(device)
+
+
+def _time_ms(fn, repeats, device):
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def run_ops(args):
+    devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    cases = [
+        ("COCO-like, 80 cls", dict(num_candidates=1000)),
+        ("COCO-like x2 (double-scale), 80 cls", dict(num_candidates=2000, num_objects=24)),
+        ("dense, 1 cls", dict(num_candidates=1000, dense=True, num_objects=40)),
+        ("dense, 1 cls", dict(num_candidates=4000, dense=True, num_objects=120)),
+    ]
+    rows = []
+    for dev in devices:
+        device = torch.device(dev)
+        for name, kw in tqdm(cases, desc=f"ops on {dev}", leave=False):
+            b, s, c = synthetic_candidates(device=device, **kw)
+            k, ns = batched_soft_nms(b, s, c, "gaussian", 0.5)
+            ops = {
+                "torchvision batched_nms (baseline)": lambda: batched_nms(b, s, c, 0.5),
+                "soft-NMS gaussian": lambda: batched_soft_nms(b, s, c, "gaussian", 0.5),
+                "soft-NMS linear": lambda: batched_soft_nms(b, s, c, "linear", 0.5, 0.5),
+                "box voting caffe (on the gaussian output)": lambda: batched_box_voting(
+                    b[k], ns, c[k], b, s, c, 0.6, "caffe"),
+                "box voting max (on the gaussian output)": lambda: batched_box_voting(
+                    b[k], ns, c[k], b, s, c, 0.6, "max"),
+                "suppress_detections, authors' settings": lambda: suppress_detections(
+                    b, s, c, **AUTHORS),
+            }
+            base = None
+            for op, fn in ops.items():
+                ms = _time_ms(fn, args.repeats, device)
+                base = base or ms
+                rows.append((dev, name, len(s), int(torch.bincount(c).max()), len(k), op, ms,
+                             ms / base))
+    print(f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}, "
+          f"median of {args.repeats} runs\n")
+    print("| device | input | candidates | max per class | kept (gaussian) | op | ms "
+          "| x batched_nms |")
+    print("|---|---|---|---|---|---|---|---|")
+    for dev, name, n, per_cls, kept, op, ms, ratio in rows:
+        print(f"| {dev} | {name} | {n} | {per_cls} | {kept} | {op} | {ms:.2f} | {ratio:.1f} |")
+
+
+def run_model(args):
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+
+    import harnet
+
+    cfg = get_cfg()
+    harnet.add_harnet_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.MODEL.DEVICE = args.device
+    cfg.MODEL.WEIGHTS = ""
+    # Random weights score every anchor near the prior (0.01): lower the candidate score
+    # threshold so that suppression sees a realistic number of candidates.
+    cfg.MODEL.RETINANET.SCORE_THRESH_TEST = args.score_thresh
+    cfg.INPUT.MIN_SIZE_TEST = args.size
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    h, w = args.size, int(args.size * 4 / 3)
+    image = (torch.rand(3, h, w) * 255).to(torch.uint8)
+    inputs = [{"image": image, "height": h, "width": w}]
+    device = torch.device(args.device)
+
+    suppress_ms, suppress_ms_n = [], []
+    original_suppress = model.suppress
+
+    def timed_suppress(instances):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = original_suppress(instances)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        suppress_ms.append((time.perf_counter() - t0) * 1000)
+        suppress_ms_n.append(len(instances))
+        return out
+
+    model.suppress = timed_suppress
+    settings = {"hard NMS (Detectron2)": dict(model.postprocess_params),
+                "authors (gaussian + caffe voting)": dict(model.postprocess_params, **AUTHORS)}
+    rows, tta_rows = [], []
+    with torch.no_grad():
+        for name, params in settings.items():
+            model.postprocess_params = params
+            # Plain inference: share of suppression in the total.
+            total = []
+            for i in tqdm(range(args.iters + 1), desc=f"model, {name}", leave=False):
+                suppress_ms.clear(), suppress_ms_n.clear()
+                t0 = time.perf_counter()
+                model(copy.deepcopy(inputs))
+                if i:  # the first run is a warm-up
+                    total.append(((time.perf_counter() - t0) * 1000, suppress_ms[0],
+                                  suppress_ms_n[0]))
+            t, s, n = (statistics.median(x) for x in zip(*total))
+            rows.append((name, n, t, s, 100 * s / t))
+            # TTA: single-scale, double-scale, double-scale + flip.
+            tta_base = None
+            for label, sizes, flip in (("single-scale (TTA wrapper)", (args.size,), False),
+                                       ("double-scale", (args.size, args.size2), False),
+                                       ("double-scale + flip", (args.size, args.size2), True)):
+                tcfg = cfg.clone()
+                tcfg.TEST.AUG.MIN_SIZES, tcfg.TEST.AUG.FLIP = sizes, flip
+                tcfg.TEST.AUG.MAX_SIZE = int(math.ceil(max(sizes) * 5 / 3))
+                tta = harnet.HARRetinaNetWithTTA(tcfg, model)
+                times = []
+                for i in tqdm(range(args.iters + 1), desc=f"TTA {label}", leave=False):
+                    suppress_ms.clear(), suppress_ms_n.clear()
+                    t0 = time.perf_counter()
+                    tta(copy.deepcopy(inputs))
+                    if i:
+                        times.append(((time.perf_counter() - t0) * 1000, suppress_ms[0],
+                                      suppress_ms_n[0]))
+                t, s, n = (statistics.median(x) for x in zip(*times))
+                tta_base = tta_base or t
+                tta_rows.append((name, label, n, t, t / tta_base, s))
+    print(f"{args.config_file}, random weights, SCORE_THRESH_TEST {args.score_thresh}, "
+          f"image {h}x{w}, {args.device}, torch threads {torch.get_num_threads()}, "
+          f"median of {args.iters} runs\n")
+    print("| post-processing | candidates | inference ms | suppress ms | suppress share |")
+    print("|---|---|---|---|---|")
+    for name, n, t, s, share in rows:
+        print(f"| {name} | {n:.0f} | {t:.0f} | {s:.1f} | {share:.2f}% |")
+    print()
+    print("| post-processing | test | candidates merged | ms per image | x single-scale "
+          "| suppress ms |")
+    print("|---|---|---|---|---|---|")
+    for name, label, n, t, ratio, s in tta_rows:
+        print(f"| {name} | {label} | {n:.0f} | {t:.0f} | {ratio:.2f} | {s:.1f} |")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="cmd")
+    ops = sub.add_parser("ops", help="post-processing ops vs batched_nms")
+    ops.add_argument("--devices", nargs="+", default=None, help="default: cpu [cuda]")
+    ops.add_argument("--repeats", type=int, default=10)
+    mod = sub.add_parser("model", help="post-processing share and TTA cost in a model")
+    mod.add_argument("--config-file", default="configs/HARNet/har_R_50_FPN_1x.yaml")
+    mod.add_argument("--device", default="cpu")
+    mod.add_argument("--size", type=int, default=800, help="test short side")
+    mod.add_argument("--size2", type=int, default=1000, help="second scale of double-scale")
+    mod.add_argument("--score-thresh", type=float, default=0.0)
+    mod.add_argument("--iters", type=int, default=2)
+    for p in (ops, mod):
+        p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = parser.parse_args()
+    if args.cmd is None:
+        args = parser.parse_args(["ops"])
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    (run_model if args.cmd == "model" else run_ops)(args)
+
+
+if __name__ == "__main__":
+    main()

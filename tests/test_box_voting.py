@@ -1,5 +1,6 @@
 """box_voting / batched_box_voting: cases worked by hand for every scoring rule, and a slow loop
 written from the definitions on random sets."""
+
 import pytest
 import torch
 
@@ -11,12 +12,12 @@ T = lambda *x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
 # Candidates of one category. IoUs: (0,1) 90/110, (0,2) 100/200, (0,4) 80/120, (1,4) 90/110,
 # (4,5) 90/110, (0,5) 72/128; box 3 overlaps nothing.
 CANDS = T(
-    [0, 0, 10, 10],   # 0: s .9
-    [1, 0, 11, 10],   # 1: s .6
-    [0, 0, 10, 20],   # 2: s .3
+    [0, 0, 10, 10],  # 0: s .9
+    [1, 0, 11, 10],  # 1: s .6
+    [0, 0, 10, 20],  # 2: s .3
     [20, 20, 30, 30],  # 3: s .8
-    [2, 0, 12, 10],   # 4: s .5
-    [2, 1, 12, 11],   # 5: s .3
+    [2, 0, 12, 10],  # 4: s .5
+    [2, 1, 12, 11],  # 5: s .3
 )
 CAND_SCORES = T(0.9, 0.6, 0.3, 0.8, 0.5, 0.3)
 
@@ -89,7 +90,9 @@ def test_batched_votes_within_category_only():
 
 # ------------------------------------------------------------------ slow reference, random sets
 def _iou(a, b):
-    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(
+        0.0, min(a[3], b[3]) - max(a[1], b[1])
+    )
     union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
     return inter / union if union > 0 else 0.0
 
@@ -99,11 +102,16 @@ def slow_box_voting(boxes, scores, idxs, cboxes, cscores, cidxs, thr, scoring):
     cboxes, cscores, cidxs = cboxes.tolist(), cscores.tolist(), cidxs.tolist()
     out_b, out_s = [list(b) for b in boxes], list(scores)
     if scoring == "caffe":
-        claimed = [any(idxs[n] == cidxs[j] and _iou(boxes[n], cboxes[j]) == 1.0
-                       for n in range(len(boxes))) for j in range(len(cboxes))]
+        claimed = [
+            any(idxs[n] == cidxs[j] and _iou(boxes[n], cboxes[j]) == 1.0 for n in range(len(boxes)))
+            for j in range(len(cboxes))
+        ]
         for n in range(len(boxes)):
-            mine = [j for j in range(len(cboxes))
-                    if not claimed[j] and cidxs[j] == idxs[n] and _iou(boxes[n], cboxes[j]) >= thr]
+            mine = [
+                j
+                for j in range(len(cboxes))
+                if not claimed[j] and cidxs[j] == idxs[n] and _iou(boxes[n], cboxes[j]) >= thr
+            ]
             if not mine:
                 continue
             for j in mine:
@@ -115,8 +123,11 @@ def slow_box_voting(boxes, scores, idxs, cboxes, cscores, cidxs, thr, scoring):
             out_s[n] = sum(w) / 5
         return out_b, out_s
     for n in range(len(boxes)):
-        voters = [j for j in range(len(cboxes))
-                  if cidxs[j] == idxs[n] and _iou(boxes[n], cboxes[j]) >= thr]
+        voters = [
+            j
+            for j in range(len(cboxes))
+            if cidxs[j] == idxs[n] and _iou(boxes[n], cboxes[j]) >= thr
+        ]
         w = [cscores[j] for j in voters]
         if not voters or sum(w) == 0:
             continue
@@ -164,8 +175,10 @@ def test_chunked_iou_blocks_give_the_same_result(monkeypatch):
     cands = torch.cat([xy, xy + 10 + torch.rand(n, 2, generator=g) * 10], 1)
     cscores, cidxs = torch.rand(n, generator=g), torch.randint(2, (n,), generator=g)
     keep, ks = batched_soft_nms(cands, cscores, cidxs)
-    full = {s: batched_box_voting(cands[keep], ks, cidxs[keep], cands, cscores, cidxs, 0.5, s)
-            for s in ("max", "caffe")}
+    full = {
+        s: batched_box_voting(cands[keep], ks, cidxs[keep], cands, cscores, cidxs, 0.5, s)
+        for s in ("max", "caffe")
+    }
     monkeypatch.setattr(bv, "_IOU_BLOCK_BUDGET", n * 3)  # 3 kept boxes per block
     for s, expected in full.items():
         torch.testing.assert_close(
@@ -175,7 +188,9 @@ def test_chunked_iou_blocks_give_the_same_result(monkeypatch):
 
 
 def test_empty_inputs_and_dtypes():
-    boxes, scores = box_voting(torch.zeros(0, 4), torch.zeros(0), CANDS.float(), CAND_SCORES.float())
+    boxes, scores = box_voting(
+        torch.zeros(0, 4), torch.zeros(0), CANDS.float(), CAND_SCORES.float()
+    )
     assert boxes.shape == (0, 4) and scores.shape == (0,)
     kept = CANDS[:1].half()
     boxes, scores = box_voting(kept, T(0.9).half(), torch.zeros(0, 4).half(), torch.zeros(0).half())
@@ -200,14 +215,23 @@ def test_gpu_matches_cpu(scoring):
         (dict(iou_threshold=1.2), ValueError, "iou_threshold must be in"),
         (dict(scores=T(0.9, 0.8, 0.7)), ValueError, "scores must have shape"),
         (dict(candidate_scores=T(0.9)), ValueError, "candidate_scores must have shape"),
-        (dict(candidate_boxes=CANDS[:, :3]), ValueError, r"candidate_boxes must have shape \[N, 4\]"),
-        (dict(boxes=T([0, 0, float("nan"), 1], [0, 0, 1, 1])), ValueError, "boxes contains non-finite"),
+        (
+            dict(candidate_boxes=CANDS[:, :3]),
+            ValueError,
+            r"candidate_boxes must have shape \[N, 4\]",
+        ),
+        (
+            dict(boxes=T([0, 0, float("nan"), 1], [0, 0, 1, 1])),
+            ValueError,
+            "boxes contains non-finite",
+        ),
         (dict(candidate_scores=-CAND_SCORES), ValueError, "non-negative"),
     ],
 )
 def test_invalid_inputs_raise(kwargs, error, match):
-    args = dict(boxes=CANDS[:2], scores=T(0.9, 0.6), candidate_boxes=CANDS,
-                candidate_scores=CAND_SCORES)
+    args = dict(
+        boxes=CANDS[:2], scores=T(0.9, 0.6), candidate_boxes=CANDS, candidate_scores=CAND_SCORES
+    )
     args.update(kwargs)
     with pytest.raises(error, match=match):
         box_voting(**args)
@@ -215,8 +239,10 @@ def test_invalid_inputs_raise(kwargs, error, match):
 
 def test_invalid_category_indices_raise():
     with pytest.raises(ValueError, match="candidate_idxs must have shape"):
-        batched_box_voting(CANDS[:1], T(0.9), torch.tensor([0]), CANDS, CAND_SCORES,
-                           torch.tensor([0, 1]))
+        batched_box_voting(
+            CANDS[:1], T(0.9), torch.tensor([0]), CANDS, CAND_SCORES, torch.tensor([0, 1])
+        )
     with pytest.raises(TypeError, match="idxs must be an integer tensor"):
-        batched_box_voting(CANDS[:1], T(0.9), T(0.0), CANDS, CAND_SCORES,
-                           torch.zeros(6, dtype=torch.int64))
+        batched_box_voting(
+            CANDS[:1], T(0.9), T(0.0), CANDS, CAND_SCORES, torch.zeros(6, dtype=torch.int64)
+        )

@@ -1,4 +1,5 @@
 """suppress_detections (the model's and the TTA's post-processing) and its config keys."""
+
 import pytest
 import torch
 from torchvision.ops import batched_nms
@@ -20,15 +21,23 @@ def _candidates(n=300, num_classes=5, seed=0):
     # that soft-NMS drops some candidates and those can vote under the "caffe" rule.
     cluster = torch.randint(n // 8, (n,), generator=g)
     ctr = (torch.rand(n // 8, 2, generator=g) * 200)[cluster] + torch.randn(n, 2, generator=g)
-    wh = (10 + torch.rand(n // 8, 2, generator=g) * 40)[cluster] * (1 + 0.05 * torch.randn(n, 2, generator=g))
+    wh = (10 + torch.rand(n // 8, 2, generator=g) * 40)[cluster] * (
+        1 + 0.05 * torch.randn(n, 2, generator=g)
+    )
     boxes = torch.cat([ctr - wh / 2, ctr + wh / 2], dim=1)
-    return boxes, 0.05 + 0.9 * torch.rand(n, generator=g), torch.randint(num_classes, (n,), generator=g)
+    return (
+        boxes,
+        0.05 + 0.9 * torch.rand(n, generator=g),
+        torch.randint(num_classes, (n,), generator=g),
+    )
 
 
 @pytest.mark.parametrize("max_detections", [1, 20, 1000])
 def test_hard_without_voting_is_detectron2_retinanet(max_detections):
     boxes, scores, classes = _candidates()
-    got = suppress_detections(boxes, scores, classes, iou_threshold=0.5, max_detections=max_detections)
+    got = suppress_detections(
+        boxes, scores, classes, iou_threshold=0.5, max_detections=max_detections
+    )
     keep = batched_nms(boxes, scores, classes, 0.5)[:max_detections]
     for a, b in zip(got, (boxes[keep], scores[keep], classes[keep])):
         assert torch.equal(a, b)
@@ -37,8 +46,16 @@ def test_hard_without_voting_is_detectron2_retinanet(max_detections):
 @pytest.mark.parametrize("nms_type", ["linear", "gaussian"])
 def test_soft_nms_then_top_k(nms_type):
     boxes, scores, classes = _candidates()
-    got = suppress_detections(boxes, scores, classes, nms_type=nms_type, iou_threshold=0.4,
-                              soft_nms_sigma=0.3, soft_nms_min_score=0.01, max_detections=50)
+    got = suppress_detections(
+        boxes,
+        scores,
+        classes,
+        nms_type=nms_type,
+        iou_threshold=0.4,
+        soft_nms_sigma=0.3,
+        soft_nms_min_score=0.01,
+        max_detections=50,
+    )
     keep, s = batched_soft_nms(boxes, scores, classes, nms_type, 0.3, 0.4, 0.01)
     assert len(keep) > 50
     for a, b in zip(got, (boxes[keep[:50]], s[:50], classes[keep[:50]])):
@@ -50,8 +67,15 @@ def test_soft_nms_then_top_k(nms_type):
 def test_voting_after_suppression_then_sorted_top_k(nms_type, scoring):
     boxes, scores, classes = _candidates(seed=1)
     got_b, got_s, got_c = suppress_detections(
-        boxes, scores, classes, nms_type=nms_type, voting=True, voting_iou=0.6,
-        voting_scoring=scoring, max_detections=40, min_score=0.1,
+        boxes,
+        scores,
+        classes,
+        nms_type=nms_type,
+        voting=True,
+        voting_iou=0.6,
+        voting_scoring=scoring,
+        max_detections=40,
+        min_score=0.1,
     )
     if nms_type == "hard":
         keep = batched_nms(boxes, scores, classes, 0.5)
@@ -85,21 +109,40 @@ def _cfg():
 def test_params_from_cfg_defaults_and_authors_config():
     cfg = _cfg()
     assert postprocess_params_from_cfg(cfg) == dict(
-        nms_type="hard", iou_threshold=0.5, max_detections=100, soft_nms_sigma=0.5,
-        soft_nms_min_score=0.001, voting=False, voting_iou=0.6, voting_scoring="max",
+        nms_type="hard",
+        iou_threshold=0.5,
+        max_detections=100,
+        soft_nms_sigma=0.5,
+        soft_nms_min_score=0.001,
+        voting=False,
+        voting_iou=0.6,
+        voting_scoring="max",
         min_score=0.0,
     )
     plain = get_cfg()  # no HARNet keys: Detectron2's RetinaNet post-processing
     assert postprocess_params_from_cfg(plain) == dict(
         nms_type="hard", iou_threshold=0.5, max_detections=100
     )
-    cfg.merge_from_list([
-        "MODEL.HARNET.POSTPROCESS.NMS_TYPE", "gaussian", "MODEL.HARNET.POSTPROCESS.VOTING.ENABLED",
-        True, "MODEL.HARNET.POSTPROCESS.VOTING.SCORING", "caffe", "MODEL.RETINANET.NMS_THRESH_TEST",
-        0.4, "TEST.DETECTIONS_PER_IMAGE", 400,
-    ])
+    cfg.merge_from_list(
+        [
+            "MODEL.HARNET.POSTPROCESS.NMS_TYPE",
+            "gaussian",
+            "MODEL.HARNET.POSTPROCESS.VOTING.ENABLED",
+            True,
+            "MODEL.HARNET.POSTPROCESS.VOTING.SCORING",
+            "caffe",
+            "MODEL.RETINANET.NMS_THRESH_TEST",
+            0.4,
+            "TEST.DETECTIONS_PER_IMAGE",
+            400,
+        ]
+    )
     params = postprocess_params_from_cfg(cfg)
-    assert params["nms_type"] == "gaussian" and params["voting"] and params["voting_scoring"] == "caffe"
+    assert (
+        params["nms_type"] == "gaussian"
+        and params["voting"]
+        and params["voting_scoring"] == "caffe"
+    )
     assert params["iou_threshold"] == 0.4 and params["max_detections"] == 400
     boxes, scores, classes = _candidates(50)
     suppress_detections(boxes, scores, classes, **params)  # the dict is a valid call

@@ -1,5 +1,6 @@
 """soft_nms / batched_soft_nms against a slow loop written from the definition, and hard mode
 against torchvision's NMS."""
+
 import math
 
 import pytest
@@ -28,7 +29,9 @@ def slow_soft_nms(boxes, scores, idxs, method, sigma, iou_threshold, score_thres
             survivors = []
             for i in remaining:
                 x1, y1, x2, y2 = boxes[i]
-                inter = max(0.0, min(bx2, x2) - max(bx1, x1)) * max(0.0, min(by2, y2) - max(by1, y1))
+                inter = max(0.0, min(bx2, x2) - max(bx1, x1)) * max(
+                    0.0, min(by2, y2) - max(by1, y1)
+                )
                 union = (bx2 - bx1) * (by2 - by1) + (x2 - x1) * (y2 - y1) - inter
                 iou = inter / union if union > 0 else 0.0
                 if method == "gaussian":
@@ -49,10 +52,17 @@ def random_set(n, num_classes=3, dtype=torch.float64, clustered=True, g=None):
     """Random boxes with the hard cases: clusters, exact duplicates with equal scores, equal
     scores on different boxes, empty (zero-area) boxes and touching boxes."""
     if n == 0:
-        return torch.zeros(0, 4, dtype=dtype), torch.zeros(0, dtype=dtype), torch.zeros(0, dtype=torch.int64)
+        return (
+            torch.zeros(0, 4, dtype=dtype),
+            torch.zeros(0, dtype=dtype),
+            torch.zeros(0, dtype=torch.int64),
+        )
     if clustered:
         centers = torch.rand(max(1, n // 6), 2, generator=g) * 60
-        ctr = centers[torch.randint(len(centers), (n,), generator=g)] + torch.randn(n, 2, generator=g) * 3
+        ctr = (
+            centers[torch.randint(len(centers), (n,), generator=g)]
+            + torch.randn(n, 2, generator=g) * 3
+        )
         wh = 10 + torch.rand(n, 2, generator=g) * 15
     else:
         ctr, wh = torch.rand(n, 2, generator=g) * 60, torch.rand(n, 2, generator=g) * 25
@@ -81,7 +91,9 @@ def test_batched_matches_slow_definition(method):
     g = torch.Generator().manual_seed(1)
     sizes = [0, 1, 2, 3, 7, 12, 20, 33, 50] * 5
     for trial, n in enumerate(sizes):
-        boxes, scores, classes = random_set(n, num_classes=1 + trial % 4, g=g, clustered=trial % 3 > 0)
+        boxes, scores, classes = random_set(
+            n, num_classes=1 + trial % 4, g=g, clustered=trial % 3 > 0
+        )
         sigma, thr, min_score = (0.5, 0.3, 0.001) if trial % 2 else (0.2, 0.5, 0.05)
         keep, new_scores = batched_soft_nms(boxes, scores, classes, method, sigma, thr, min_score)
         ref = slow_soft_nms(boxes, scores, classes, method, sigma, thr, min_score)
@@ -94,7 +106,9 @@ def test_single_class_matches_slow_definition_float32(method):
     for n in (1, 5, 40, 120):
         boxes, scores, _ = random_set(n, dtype=torch.float32, g=g)
         keep, new_scores = soft_nms(boxes, scores, method, 0.5, 0.3, 0.001)
-        ref = slow_soft_nms(boxes, scores, torch.zeros(n, dtype=torch.int64), method, 0.5, 0.3, 0.001)
+        ref = slow_soft_nms(
+            boxes, scores, torch.zeros(n, dtype=torch.int64), method, 0.5, 0.3, 0.001
+        )
         assert new_scores.dtype == torch.float32
         assert_matches_reference(keep, new_scores, *ref)
 
@@ -131,7 +145,9 @@ def test_hard_equals_torchvision_nms(iou_threshold):
     for n in (0, 1, 10, 80, 300):
         boxes, scores, classes = random_set(n, dtype=torch.float32, g=g)
         # Public API (dispatches to torchvision) and the vectorised greedy loop itself.
-        keep, new_scores = soft_nms(boxes, scores, "hard", iou_threshold=iou_threshold, score_threshold=0.0)
+        keep, new_scores = soft_nms(
+            boxes, scores, "hard", iou_threshold=iou_threshold, score_threshold=0.0
+        )
         assert keep.tolist() == nms(boxes, scores, iou_threshold).tolist()
         assert torch.equal(new_scores, scores[keep])
         loop_keep, loop_scores = _greedy_soft_nms(
@@ -144,7 +160,9 @@ def test_hard_equals_torchvision_nms(iou_threshold):
 def test_hard_with_score_threshold_is_nms_of_the_boxes_above_it():
     g = torch.Generator().manual_seed(6)
     boxes, scores, classes = random_set(100, dtype=torch.float32, g=g)
-    keep, _ = batched_soft_nms(boxes, scores, classes, "hard", iou_threshold=0.5, score_threshold=0.3)
+    keep, _ = batched_soft_nms(
+        boxes, scores, classes, "hard", iou_threshold=0.5, score_threshold=0.3
+    )
     above = torch.nonzero(scores >= 0.3).squeeze(1)
     expected = above[batched_nms(boxes[above], scores[above], classes[above], 0.5)]
     assert keep.tolist() == expected.tolist()
@@ -223,8 +241,16 @@ def _ok():
     [
         (dict(scores=torch.tensor([0.9])), ValueError, "scores must have shape"),
         (dict(boxes=torch.zeros(2, 3)), ValueError, r"boxes must have shape \[N, 4\]"),
-        (dict(boxes=torch.tensor([[0.0, 0, float("nan"), 1], [0, 0, 1, 1]])), ValueError, "boxes contains non-finite"),
-        (dict(boxes=torch.tensor([[0.0, 0, float("inf"), 1], [0, 0, 1, 1]])), ValueError, "boxes contains non-finite"),
+        (
+            dict(boxes=torch.tensor([[0.0, 0, float("nan"), 1], [0, 0, 1, 1]])),
+            ValueError,
+            "boxes contains non-finite",
+        ),
+        (
+            dict(boxes=torch.tensor([[0.0, 0, float("inf"), 1], [0, 0, 1, 1]])),
+            ValueError,
+            "boxes contains non-finite",
+        ),
         (dict(scores=torch.tensor([0.9, float("nan")])), ValueError, "scores contains non-finite"),
         (dict(boxes=torch.tensor([[5.0, 0, 1, 1], [0, 0, 1, 1]])), ValueError, "x1 <= x2"),
         (dict(method="softer"), ValueError, "method must be one of"),

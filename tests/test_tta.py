@@ -1,5 +1,6 @@
 """HARRetinaNetWithTTA on a tiny HARRetinaNet (ResNet-18, 32-channel FPN, random weights with
 a zero score threshold so that there are detections)."""
+
 import copy
 
 import pytest
@@ -83,7 +84,9 @@ def test_flipped_view_maps_back_onto_the_original_boxes(model):
     # ... and they differ from the unflipped image's detections (the check is not vacuous).
     with torch.no_grad():
         plain = model([copy.deepcopy(inp)])[0]["instances"]
-    assert len(plain) != len(got) or not torch.allclose(plain.pred_boxes.tensor, got.pred_boxes.tensor)
+    assert len(plain) != len(got) or not torch.allclose(
+        plain.pred_boxes.tensor, got.pred_boxes.tensor
+    )
 
 
 def _by_hand_to_original(boxes, view_hw, flipped, orig_hw=(64, 96)):
@@ -105,7 +108,9 @@ def test_views_are_batched_and_merged_before_one_suppression(model):
         views = DatasetMapperTTA(cfg)(copy.deepcopy(inp))
         flipped = ["HFlip" in str(v.pop("transforms")) for v in views]
         with torch.no_grad():  # the same batches: padding makes results batch-dependent
-            cands = model.forward_candidates(views[:3], False) + model.forward_candidates(views[3:], False)
+            cands = model.forward_candidates(views[:3], False) + model.forward_candidates(
+                views[3:], False
+            )
         boxes, scores = [], []
         for cand, flip in zip(cands, flipped):
             boxes.append(_by_hand_to_original(cand.pred_boxes.tensor, cand.image_size, flip))
@@ -119,10 +124,14 @@ def test_views_are_batched_and_merged_before_one_suppression(model):
     assert len(got) == len(order) > 400
     torch.testing.assert_close(got.scores, scores[keep][order])
     # Equal scores make the order of their boxes arbitrary: compare them as sets.
-    got_sorted = sorted(map(tuple, torch.cat([got.scores[:, None], got.pred_boxes.tensor], 1).tolist()))
+    got_sorted = sorted(
+        map(tuple, torch.cat([got.scores[:, None], got.pred_boxes.tensor], 1).tolist())
+    )
     exp = torch.cat([scores[keep][:, None], boxes.tensor[keep]], 1)
     exp_sorted = sorted(map(tuple, exp.tolist()))
-    torch.testing.assert_close(torch.tensor(got_sorted), torch.tensor(exp_sorted), atol=1e-3, rtol=1e-5)
+    torch.testing.assert_close(
+        torch.tensor(got_sorted), torch.tensor(exp_sorted), atol=1e-3, rtol=1e-5
+    )
 
 
 def test_size_selection(model):

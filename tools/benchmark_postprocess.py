@@ -17,6 +17,7 @@ single-scale vs double-scale vs double-scale + flip TTA.
 Both print markdown tables (median milliseconds; ratios against the baseline measured in
 the same run).
 """
+
 import argparse
 import copy
 import math
@@ -29,13 +30,26 @@ from tqdm import tqdm
 
 from harnet.layers import batched_box_voting, batched_soft_nms, suppress_detections
 
-AUTHORS = dict(nms_type="gaussian", soft_nms_sigma=0.5, soft_nms_min_score=0.001, voting=True,
-               voting_iou=0.6, voting_scoring="caffe", max_detections=400, min_score=0.05)
+AUTHORS = dict(
+    nms_type="gaussian",
+    soft_nms_sigma=0.5,
+    soft_nms_min_score=0.001,
+    voting=True,
+    voting_iou=0.6,
+    voting_scoring="caffe",
+    max_detections=400,
+    min_score=0.05,
+)
 
 
 def synthetic_candidates(
-    num_candidates=1000, num_classes=80, num_objects=12, image_hw=(800, 1200), dense=False,
-    seed=0, device="cpu",
+    num_candidates=1000,
+    num_classes=80,
+    num_objects=12,
+    image_hw=(800, 1200),
+    dense=False,
+    seed=0,
+    device="cpu",
 ):
     """RetinaNet-like candidates: (boxes Tensor[N,4], scores Tensor[N], classes Tensor[N])."""
     g = torch.Generator().manual_seed(seed)
@@ -57,10 +71,14 @@ def synthetic_candidates(
         conf = 0.3 + 0.65 * float(rand(1))
         # Larger objects are seen by more anchors on more pyramid levels.
         k = int(20 + 100 * min(1.0, size / 300))
-        confusions = [] if dense else [
-            (int(torch.multinomial(freq, 1, generator=g)), k // 3, conf * 0.35)
-            for _ in range(int(rand(1) * 3))
-        ]
+        confusions = (
+            []
+            if dense
+            else [
+                (int(torch.multinomial(freq, 1, generator=g)), k // 3, conf * 0.35)
+                for _ in range(int(rand(1) * 3))
+            ]
+        )
         for c, k_c, conf_c in [(cls, k, conf)] + confusions:
             jit = torch.randn(k_c, 4, generator=g) * 0.12
             bw, bh = w * torch.exp(jit[:, 2]), h * torch.exp(jit[:, 3])
@@ -74,7 +92,8 @@ def synthetic_candidates(
     boxes.append(torch.cat([xy, xy + wh], dim=1))
     scores.append(0.05 + 0.07 * rand(nb))
     classes.append(
-        torch.zeros(nb, dtype=torch.int64) if dense
+        torch.zeros(nb, dtype=torch.int64)
+        if dense
         else torch.multinomial(freq, nb, replacement=True, generator=g)
     )
     boxes, scores, classes = torch.cat(boxes).float(), torch.cat(scores).float(), torch.cat(classes)
@@ -119,22 +138,30 @@ def run_ops(args):
                 "soft-NMS gaussian": lambda: batched_soft_nms(b, s, c, "gaussian", 0.5),
                 "soft-NMS linear": lambda: batched_soft_nms(b, s, c, "linear", 0.5, 0.5),
                 "box voting caffe (on the gaussian output)": lambda: batched_box_voting(
-                    b[k], ns, c[k], b, s, c, 0.6, "caffe"),
+                    b[k], ns, c[k], b, s, c, 0.6, "caffe"
+                ),
                 "box voting max (on the gaussian output)": lambda: batched_box_voting(
-                    b[k], ns, c[k], b, s, c, 0.6, "max"),
+                    b[k], ns, c[k], b, s, c, 0.6, "max"
+                ),
                 "suppress_detections, authors' settings": lambda: suppress_detections(
-                    b, s, c, **AUTHORS),
+                    b, s, c, **AUTHORS
+                ),
             }
             base = None
             for op, fn in ops.items():
                 ms = _time_ms(fn, args.repeats, device)
                 base = base or ms
-                rows.append((dev, name, len(s), int(torch.bincount(c).max()), len(k), op, ms,
-                             ms / base))
-    print(f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}, "
-          f"median of {args.repeats} runs\n")
-    print("| device | input | candidates | max per class | kept (gaussian) | op | ms "
-          "| x batched_nms |")
+                rows.append(
+                    (dev, name, len(s), int(torch.bincount(c).max()), len(k), op, ms, ms / base)
+                )
+    print(
+        f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}, "
+        f"median of {args.repeats} runs\n"
+    )
+    print(
+        "| device | input | candidates | max per class | kept (gaussian) | op | ms "
+        "| x batched_nms |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for dev, name, n, per_cls, kept, op, ms, ratio in rows:
         print(f"| {dev} | {name} | {n} | {per_cls} | {kept} | {op} | {ms:.2f} | {ratio:.1f} |")
@@ -177,8 +204,10 @@ def run_model(args):
         return out
 
     model.suppress = timed_suppress
-    settings = {"hard NMS (Detectron2)": dict(model.postprocess_params),
-                "authors (gaussian + caffe voting)": dict(model.postprocess_params, **AUTHORS)}
+    settings = {
+        "hard NMS (Detectron2)": dict(model.postprocess_params),
+        "authors (gaussian + caffe voting)": dict(model.postprocess_params, **AUTHORS),
+    }
     rows, tta_rows = [], []
     with torch.no_grad():
         for name, params in settings.items():
@@ -190,15 +219,18 @@ def run_model(args):
                 t0 = time.perf_counter()
                 model(copy.deepcopy(inputs))
                 if i:  # the first run is a warm-up
-                    total.append(((time.perf_counter() - t0) * 1000, suppress_ms[0],
-                                  suppress_ms_n[0]))
+                    total.append(
+                        ((time.perf_counter() - t0) * 1000, suppress_ms[0], suppress_ms_n[0])
+                    )
             t, s, n = (statistics.median(x) for x in zip(*total))
             rows.append((name, n, t, s, 100 * s / t))
             # TTA: single-scale, double-scale, double-scale + flip.
             tta_base = None
-            for label, sizes, flip in (("single-scale (TTA wrapper)", (args.size,), False),
-                                       ("double-scale", (args.size, args.size2), False),
-                                       ("double-scale + flip", (args.size, args.size2), True)):
+            for label, sizes, flip in (
+                ("single-scale (TTA wrapper)", (args.size,), False),
+                ("double-scale", (args.size, args.size2), False),
+                ("double-scale + flip", (args.size, args.size2), True),
+            ):
                 tcfg = cfg.clone()
                 tcfg.TEST.AUG.MIN_SIZES, tcfg.TEST.AUG.FLIP = sizes, flip
                 tcfg.TEST.AUG.MAX_SIZE = int(math.ceil(max(sizes) * 5 / 3))
@@ -209,21 +241,26 @@ def run_model(args):
                     t0 = time.perf_counter()
                     tta(copy.deepcopy(inputs))
                     if i:
-                        times.append(((time.perf_counter() - t0) * 1000, suppress_ms[0],
-                                      suppress_ms_n[0]))
+                        times.append(
+                            ((time.perf_counter() - t0) * 1000, suppress_ms[0], suppress_ms_n[0])
+                        )
                 t, s, n = (statistics.median(x) for x in zip(*times))
                 tta_base = tta_base or t
                 tta_rows.append((name, label, n, t, t / tta_base, s))
-    print(f"{args.config_file}, random weights, SCORE_THRESH_TEST {args.score_thresh}, "
-          f"image {h}x{w}, {args.device}, torch threads {torch.get_num_threads()}, "
-          f"median of {args.iters} runs\n")
+    print(
+        f"{args.config_file}, random weights, SCORE_THRESH_TEST {args.score_thresh}, "
+        f"image {h}x{w}, {args.device}, torch threads {torch.get_num_threads()}, "
+        f"median of {args.iters} runs\n"
+    )
     print("| post-processing | candidates | inference ms | suppress ms | suppress share |")
     print("|---|---|---|---|---|")
     for name, n, t, s, share in rows:
         print(f"| {name} | {n:.0f} | {t:.0f} | {s:.1f} | {share:.2f}% |")
     print()
-    print("| post-processing | test | candidates merged | ms per image | x single-scale "
-          "| suppress ms |")
+    print(
+        "| post-processing | test | candidates merged | ms per image | x single-scale "
+        "| suppress ms |"
+    )
     print("|---|---|---|---|---|---|")
     for name, label, n, t, ratio, s in tta_rows:
         print(f"| {name} | {label} | {n:.0f} | {t:.0f} | {ratio:.2f} | {s:.1f} |")

@@ -1,4 +1,5 @@
 """Test-time augmentation for HARRetinaNet (Detectron2's own TTA only serves R-CNN models)."""
+
 import copy
 from typing import Dict, List
 
@@ -105,7 +106,7 @@ class HARRetinaNetWithTTA(nn.Module):
         for start in range(0, len(views), self.batch_size):
             candidates.extend(
                 self.model.forward_candidates(
-                    views[start:start + self.batch_size], do_postprocess=False
+                    views[start : start + self.batch_size], do_postprocess=False
                 )
             )
         boxes, scores, classes = [], [], []

@@ -1,4 +1,5 @@
 """Small box helpers shared by soft-NMS and box voting (private)."""
+
 import torch
 from torch import Tensor
 

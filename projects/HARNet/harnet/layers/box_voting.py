@@ -1,6 +1,7 @@
 """Box voting (Gidaris & Komodakis, ICCV 2015; HAR-Net, Detectron): refine each kept box with
 the score-weighted mean of the candidates that overlap it, vectorised over boxes and categories.
 """
+
 from typing import Tuple
 
 import torch
@@ -64,7 +65,13 @@ def box_voting(
     """
     _check_voting_inputs(boxes, scores, candidate_boxes, candidate_scores, iou_threshold, scoring)
     return _box_voting(
-        boxes, scores, None, candidate_boxes, candidate_scores, None, float(iou_threshold),
+        boxes,
+        scores,
+        None,
+        candidate_boxes,
+        candidate_scores,
+        None,
+        float(iou_threshold),
         scoring,
     )
 
@@ -96,8 +103,10 @@ def batched_box_voting(
         voted_boxes (Tensor[K, 4]), voted_scores (Tensor[K]): as in :func:`box_voting`.
     """
     _check_voting_inputs(boxes, scores, candidate_boxes, candidate_scores, iou_threshold, scoring)
-    for name, t, n in (("idxs", idxs, boxes.shape[0]),
-                       ("candidate_idxs", candidate_idxs, candidate_boxes.shape[0])):
+    for name, t, n in (
+        ("idxs", idxs, boxes.shape[0]),
+        ("candidate_idxs", candidate_idxs, candidate_boxes.shape[0]),
+    ):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 1 or t.shape[0] != n:
@@ -106,20 +115,28 @@ def batched_box_voting(
             raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
     check_same_device(boxes=boxes, idxs=idxs, candidate_idxs=candidate_idxs)
     return _box_voting(
-        boxes, scores, idxs, candidate_boxes, candidate_scores, candidate_idxs,
-        float(iou_threshold), scoring,
+        boxes,
+        scores,
+        idxs,
+        candidate_boxes,
+        candidate_scores,
+        candidate_idxs,
+        float(iou_threshold),
+        scoring,
     )
 
 
-def _check_voting_inputs(boxes, scores, candidate_boxes, candidate_scores, iou_threshold,
-                         scoring):
+def _check_voting_inputs(boxes, scores, candidate_boxes, candidate_scores, iou_threshold, scoring):
     check_boxes(boxes, "boxes")
     check_scores(scores, boxes.shape[0], "scores", "boxes")
     check_boxes(candidate_boxes, "candidate_boxes")
-    check_scores(candidate_scores, candidate_boxes.shape[0], "candidate_scores",
-                 "candidate_boxes")
-    check_same_device(boxes=boxes, scores=scores, candidate_boxes=candidate_boxes,
-                      candidate_scores=candidate_scores)
+    check_scores(candidate_scores, candidate_boxes.shape[0], "candidate_scores", "candidate_boxes")
+    check_same_device(
+        boxes=boxes,
+        scores=scores,
+        candidate_boxes=candidate_boxes,
+        candidate_scores=candidate_scores,
+    )
     if scoring not in VOTING_SCORINGS:
         raise ValueError(f"scoring must be one of {VOTING_SCORINGS}, got {scoring!r}")
     if not 0 <= iou_threshold <= 1:
@@ -134,15 +151,14 @@ def _iou_blocks(boxes, idxs, candidate_boxes, candidate_idxs):
     k, m = boxes.shape[0], candidate_boxes.shape[0]
     step = max(1, _IOU_BLOCK_BUDGET // max(m, 1))
     for start in range(0, k, step):
-        iou = pairwise_iou(boxes[start:start + step], candidate_boxes)
+        iou = pairwise_iou(boxes[start : start + step], candidate_boxes)
         if idxs is not None:
-            other = idxs[start:start + step, None] != candidate_idxs[None, :]
+            other = idxs[start : start + step, None] != candidate_idxs[None, :]
             iou.masked_fill_(other, -1.0)
         yield start, iou
 
 
-def _box_voting(boxes, scores, idxs, cand_boxes, cand_scores, cand_idxs, iou_threshold,
-                scoring):
+def _box_voting(boxes, scores, idxs, cand_boxes, cand_scores, cand_idxs, iou_threshold, scoring):
     k = boxes.shape[0]
     dtype = torch.promote_types(boxes.dtype, torch.float32)
     out_boxes, out_scores = boxes.clone(), scores.clone()

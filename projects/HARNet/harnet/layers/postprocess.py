@@ -12,6 +12,7 @@ CONTRACT (used by harnet.modeling.meta_arch and harnet.tta; keep the signature):
 With nms_type="hard" and voting=False it must equal Detectron2 RetinaNet's
 `batched_nms(boxes, scores, classes, iou_threshold)[:max_detections]`.
 """
+
 from typing import Tuple
 
 import torch
@@ -78,15 +79,26 @@ def suppress_detections(
         new_scores = scores[keep]
     else:
         keep, new_scores = batched_soft_nms(
-            boxes, scores, classes, method=nms_type, sigma=soft_nms_sigma,
-            iou_threshold=iou_threshold, score_threshold=soft_nms_min_score,
+            boxes,
+            scores,
+            classes,
+            method=nms_type,
+            sigma=soft_nms_sigma,
+            iou_threshold=iou_threshold,
+            score_threshold=soft_nms_min_score,
         )
     kept_boxes, kept_classes = boxes[keep], classes[keep]
     if voting:
         # Vote with all kept boxes: the new scores can change which ones make the top K.
         kept_boxes, new_scores = batched_box_voting(
-            kept_boxes, new_scores, kept_classes, boxes, scores, classes,
-            iou_threshold=voting_iou, scoring=voting_scoring,
+            kept_boxes,
+            new_scores,
+            kept_classes,
+            boxes,
+            scores,
+            classes,
+            iou_threshold=voting_iou,
+            scoring=voting_scoring,
         )
         if voting_scoring != "keep":
             new_scores, order = torch.sort(new_scores, descending=True, stable=True)
@@ -96,7 +108,11 @@ def suppress_detections(
     kept_classes = kept_classes[:max_detections]
     if min_score > 0:
         above = new_scores >= min_score
-        kept_boxes, new_scores, kept_classes = kept_boxes[above], new_scores[above], kept_classes[above]
+        kept_boxes, new_scores, kept_classes = (
+            kept_boxes[above],
+            new_scores[above],
+            kept_classes[above],
+        )
     return kept_boxes, new_scores, kept_classes
 
 
@@ -116,8 +132,10 @@ def postprocess_params_from_cfg(cfg) -> dict:
     _check(0 <= nms_thresh <= 1, "MODEL.RETINANET.NMS_THRESH_TEST", "in [0, 1]", nms_thresh)
     detections = cfg.TEST.DETECTIONS_PER_IMAGE
     _check(
-        isinstance(detections, int) and detections > 0, "TEST.DETECTIONS_PER_IMAGE",
-        "a positive integer", detections,
+        isinstance(detections, int) and detections > 0,
+        "TEST.DETECTIONS_PER_IMAGE",
+        "a positive integer",
+        detections,
     )
     params = dict(nms_type="hard", iou_threshold=nms_thresh, max_detections=detections)
     harnet = cfg.MODEL.get("HARNET", None)
@@ -126,20 +144,45 @@ def postprocess_params_from_cfg(cfg) -> dict:
         return params
 
     key = "MODEL.HARNET.POSTPROCESS."
-    _check(pp.NMS_TYPE in SOFT_NMS_METHODS, key + "NMS_TYPE", f"one of {SOFT_NMS_METHODS}",
-           pp.NMS_TYPE)
-    _check(_is_number(pp.SOFT_NMS_SIGMA) and pp.SOFT_NMS_SIGMA > 0, key + "SOFT_NMS_SIGMA",
-           "> 0", pp.SOFT_NMS_SIGMA)
-    _check(_is_number(pp.SOFT_NMS_MIN_SCORE) and 0 <= pp.SOFT_NMS_MIN_SCORE < 1,
-           key + "SOFT_NMS_MIN_SCORE", "in [0, 1)", pp.SOFT_NMS_MIN_SCORE)
-    _check(_is_number(pp.MIN_SCORE) and 0 <= pp.MIN_SCORE < 1, key + "MIN_SCORE",
-           "in [0, 1)", pp.MIN_SCORE)
-    _check(isinstance(pp.VOTING.ENABLED, bool), key + "VOTING.ENABLED", "True or False",
-           pp.VOTING.ENABLED)
-    _check(_is_number(pp.VOTING.IOU_THRESH) and 0 <= pp.VOTING.IOU_THRESH <= 1,
-           key + "VOTING.IOU_THRESH", "in [0, 1]", pp.VOTING.IOU_THRESH)
-    _check(pp.VOTING.SCORING in VOTING_SCORINGS, key + "VOTING.SCORING",
-           f"one of {VOTING_SCORINGS}", pp.VOTING.SCORING)
+    _check(
+        pp.NMS_TYPE in SOFT_NMS_METHODS, key + "NMS_TYPE", f"one of {SOFT_NMS_METHODS}", pp.NMS_TYPE
+    )
+    _check(
+        _is_number(pp.SOFT_NMS_SIGMA) and pp.SOFT_NMS_SIGMA > 0,
+        key + "SOFT_NMS_SIGMA",
+        "> 0",
+        pp.SOFT_NMS_SIGMA,
+    )
+    _check(
+        _is_number(pp.SOFT_NMS_MIN_SCORE) and 0 <= pp.SOFT_NMS_MIN_SCORE < 1,
+        key + "SOFT_NMS_MIN_SCORE",
+        "in [0, 1)",
+        pp.SOFT_NMS_MIN_SCORE,
+    )
+    _check(
+        _is_number(pp.MIN_SCORE) and 0 <= pp.MIN_SCORE < 1,
+        key + "MIN_SCORE",
+        "in [0, 1)",
+        pp.MIN_SCORE,
+    )
+    _check(
+        isinstance(pp.VOTING.ENABLED, bool),
+        key + "VOTING.ENABLED",
+        "True or False",
+        pp.VOTING.ENABLED,
+    )
+    _check(
+        _is_number(pp.VOTING.IOU_THRESH) and 0 <= pp.VOTING.IOU_THRESH <= 1,
+        key + "VOTING.IOU_THRESH",
+        "in [0, 1]",
+        pp.VOTING.IOU_THRESH,
+    )
+    _check(
+        pp.VOTING.SCORING in VOTING_SCORINGS,
+        key + "VOTING.SCORING",
+        f"one of {VOTING_SCORINGS}",
+        pp.VOTING.SCORING,
+    )
     params.update(
         nms_type=pp.NMS_TYPE,
         soft_nms_sigma=float(pp.SOFT_NMS_SIGMA),

@@ -7,9 +7,14 @@ box; drop the boxes whose score fell below ``score_threshold``; repeat until non
 Categories are independent, so all of them advance together: at every greedy step each
 category picks its own best box. The loop runs as many steps as the largest category keeps
 boxes (not as many as the image keeps), and each step is a handful of tensor ops over all
-remaining boxes of all categories. When it fits in memory the decay weights of every
-same-category pair are computed once; otherwise they are computed per step.
+remaining boxes of all categories: the IoU of each category's pick with that category's
+remaining boxes. Finished categories and dropped boxes are compacted away every few steps.
+Memory is O(N) (no N x N IoU matrix, so no chunking is needed for large N): computing all
+same-category pairs up front costs as much as as many steps as a category has boxes, which
+is at least as many steps as remain, so it is only done for small problems, where per-op
+overhead dominates.
 """
+
 from typing import Tuple
 
 import torch
@@ -77,9 +82,7 @@ def soft_nms(
     check_boxes(boxes, "boxes")
     check_scores(scores, boxes.shape[0], "scores", "boxes")
     idxs = torch.zeros(boxes.shape[0], dtype=torch.int64, device=boxes.device)
-    return _soft_nms_checked(
-        boxes, scores, idxs, method, sigma, iou_threshold, score_threshold
-    )
+    return _soft_nms_checked(boxes, scores, idxs, method, sigma, iou_threshold, score_threshold)
 
 
 def batched_soft_nms(
@@ -121,9 +124,7 @@ def batched_soft_nms(
         )
     if idxs.is_floating_point() or idxs.is_complex() or idxs.dtype == torch.bool:
         raise TypeError(f"idxs must be an integer tensor, got {idxs.dtype}")
-    return _soft_nms_checked(
-        boxes, scores, idxs, method, sigma, iou_threshold, score_threshold
-    )
+    return _soft_nms_checked(boxes, scores, idxs, method, sigma, iou_threshold, score_threshold)
 
 
 def _soft_nms_checked(boxes, scores, idxs, method, sigma, iou_threshold, score_threshold):
@@ -150,7 +151,13 @@ def _soft_nms_checked(boxes, scores, idxs, method, sigma, iou_threshold, score_t
         ]
         return keep, scores[keep]
     return _greedy_soft_nms(
-        boxes, scores, idxs, candidates, method, float(sigma), float(iou_threshold),
+        boxes,
+        scores,
+        idxs,
+        candidates,
+        method,
+        float(sigma),
+        float(iou_threshold),
         float(score_threshold),
     )
 

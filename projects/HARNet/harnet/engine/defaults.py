@@ -7,7 +7,6 @@ import logging
 import os
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, LazyConfig, get_cfg
 from detectron2.engine import default_argument_parser, default_setup, hooks
 from detectron2.evaluation import verify_results
@@ -15,6 +14,7 @@ from detectron2.utils import comm
 
 from ..config import add_harnet_config
 from ..data import check_datasets_from_cfg, register_shapes_from_cfg
+from .faults import AtomicDetectionCheckpointer
 from .lazy_trainer import LazyConfigTrainer
 from .trainer import HARNetTrainer
 from .two_step import train_two_step
@@ -133,7 +133,7 @@ def _eval_only(cfg, args, trainer_cls):
         weights, out = cfg.train.init_checkpoint, cfg.train.output_dir
     # Detectron2's semantics: with --resume the output folder's last checkpoint, else (or
     # when there is none) MODEL.WEIGHTS; "" leaves the freshly initialised model.
-    DetectionCheckpointer(model, save_dir=out).resume_or_load(weights, resume=resume)
+    AtomicDetectionCheckpointer(model, save_dir=out).resume_or_load(weights, resume=resume)
     res = trainer_cls.evaluate(cfg, model)
     if comm.is_main_process() and isinstance(cfg, CfgNode):
         verify_results(cfg, res)

@@ -13,8 +13,9 @@ What Detectron2 0.6 / fvcore already do, and what this module adds:
   explicitly (tensors, numbers, strings and containers only: no code runs while loading),
   with errors that name the file. Detectron2's ``.pkl`` model-zoo files (and ``.pyth``)
   are pickles, loaded by Detectron2's own code: only load such files from a trusted source.
-- Detectron2 0.6's ``DefaultTrainer`` does not checkpoint the optimizer state (momentum):
-  :class:`TrainerStateMixin` adds it, so that a resumed run matches an uninterrupted one.
+- A resumed run should continue exactly like an uninterrupted one: Detectron2 0.6's
+  ``DefaultTrainer`` checkpoints neither the optimizer state (``HARNetTrainer`` adds it)
+  nor RetinaNet's running loss normaliser (:class:`LossNormalizerStateMixin` adds it).
 - ``SimpleTrainer`` raises ``FloatingPointError("Loss became infinite or NaN at
   iteration=N ...")`` from its metrics writer, on the main process, before
   ``optimizer.step()``. :class:`NonFiniteLossCheck` checks every process's loss terms first
@@ -39,7 +40,7 @@ __all__ = [
     "GuardedAMPTrainer",
     "non_finite_parameters",
     "check_finite_losses",
-    "TrainerStateMixin",
+    "LossNormalizerStateMixin",
 ]
 
 logger = logging.getLogger(__name__)
@@ -203,18 +204,14 @@ class GuardedAMPTrainer(NonFiniteLossCheck, AMPTrainer):
     full precision; non-finite *gradients* are handled by the grad scaler as usual."""
 
 
-class TrainerStateMixin:
-    """Mixin for a ``DefaultTrainer`` subclass (put it first among the bases): the
-    checkpointed trainer state also holds what a resumed run needs to continue exactly like
-    an uninterrupted one:
+class LossNormalizerStateMixin:
+    """Mixin for a ``DefaultTrainer`` subclass (first among the bases): the checkpointed
+    trainer state also holds the model's ``loss_normalizer``, so that a resumed run
+    continues exactly like an uninterrupted one.
 
-    - ``"_trainer"``: ``self._trainer``'s state, i.e. the optimizer's (SGD momentum
-      buffers) and AMP's grad scaler. Detectron2 0.6's ``DefaultTrainer`` saves only the
-      iteration and the hooks' state (the lr scheduler), so the momentum restarted from
-      zero; later Detectron2 versions store it under the same key.
-    - ``"loss_normalizer"``: RetinaNet's running mean of the number of foreground anchors
-      (the focal loss's normaliser, momentum 0.9), a plain attribute outside the model's
-      state dict that otherwise restarts at its initial 100.
+    RetinaNet's ``loss_normalizer`` (the running mean of the number of foreground anchors
+    that normalises the losses, momentum 0.9) is a plain attribute outside the model's state
+    dict: Detectron2 restarts it at its initial value (100) on resume.
     """
 
     def _unwrapped_model(self):
@@ -223,7 +220,6 @@ class TrainerStateMixin:
 
     def state_dict(self):
         ret = super().state_dict()
-        ret["_trainer"] = self._trainer.state_dict()
         model = self._unwrapped_model()
         if isinstance(getattr(model, "loss_normalizer", None), (int, float)):
             ret["loss_normalizer"] = float(model.loss_normalizer)
@@ -231,12 +227,5 @@ class TrainerStateMixin:
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
-        if "_trainer" in state_dict:
-            self._trainer.load_state_dict(state_dict["_trainer"])
-        else:
-            logger.warning(
-                "The checkpoint has no optimizer state (written by Detectron2 0.6's "
-                "DefaultTrainer?): the optimizer's momentum restarts from zero."
-            )
         if "loss_normalizer" in state_dict:
             self._unwrapped_model().loss_normalizer = state_dict["loss_normalizer"]

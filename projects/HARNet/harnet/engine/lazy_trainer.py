@@ -19,16 +19,16 @@ import logging
 import weakref
 from collections import OrderedDict
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import instantiate
 from detectron2.engine import create_ddp_model, default_writers, hooks
-from detectron2.engine.train_loop import AMPTrainer, SimpleTrainer, TrainerBase
+from detectron2.engine.train_loop import TrainerBase
 from detectron2.evaluation import COCOEvaluator, inference_on_dataset, print_csv_format
 from detectron2.solver import LRMultiplier
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from omegaconf import OmegaConf
 
+from .faults import AtomicDetectionCheckpointer, GuardedAMPTrainer, GuardedSimpleTrainer
 from .trainer import HARNetTrainer, ddp_kwargs_for, fast_coco_eval_available
 
 __all__ = ["LazyConfigTrainer"]
@@ -66,10 +66,12 @@ class LazyConfigTrainer(HARNetTrainer):
         ddp = dict(_select(cfg, "train.ddp", {}))
         model = create_ddp_model(model, **ddp_kwargs_for(model, **ddp))
         amp = _select(cfg, "train.amp.enabled", False)
-        self._trainer = (AMPTrainer if amp else SimpleTrainer)(model, data_loader, optimizer)
+        self._trainer = (GuardedAMPTrainer if amp else GuardedSimpleTrainer)(
+            model, data_loader, optimizer
+        )
         self.max_iter = cfg.train.max_iter
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = DetectionCheckpointer(
+        self.checkpointer = AtomicDetectionCheckpointer(
             model, cfg.train.output_dir, trainer=weakref.proxy(self)
         )
         self.start_iter = 0

@@ -11,6 +11,9 @@ Differences from ``DefaultTrainer`` (everything else, hooks included, is inherit
 - ``test_with_TTA``: evaluation through :class:`harnet.tta.HARRetinaNetWithTTA`.
 - checkpoints also hold the optimizer state (``_trainer``), so ``--resume`` restores SGD's
   momentum; Detectron2 0.6's ``DefaultTrainer`` saves only the iteration and scheduler.
+- faults (:mod:`harnet.engine.faults`): atomic checkpoint writes that refuse non-finite
+  weights, ``weights_only`` loading, non-finite loss terms named with the iteration, and
+  RetinaNet's running loss normaliser kept in the checkpoint.
 - DistributedDataParallel also on the CPU (gloo, see :mod:`harnet.engine.launch`):
   Detectron2 0.6 always passes ``device_ids=[local_rank]``, which DDP rejects for CPU
   modules.
@@ -20,15 +23,20 @@ import os
 import weakref
 from collections import OrderedDict
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import DefaultTrainer, create_ddp_model
-from detectron2.engine.train_loop import AMPTrainer, SimpleTrainer, TrainerBase
+from detectron2.engine.train_loop import TrainerBase
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..data.loaders import build_harnet_test_loader, build_harnet_train_loader
 from ..solver import build_optimizer
+from .faults import (
+    AtomicDetectionCheckpointer,
+    GuardedAMPTrainer,
+    GuardedSimpleTrainer,
+    LossNormalizerStateMixin,
+)
 
 __all__ = ["HARNetTrainer", "fast_coco_eval_available", "ddp_kwargs_for"]
 
@@ -58,7 +66,7 @@ def ddp_kwargs_for(model, **kwargs):
     return kwargs
 
 
-class HARNetTrainer(DefaultTrainer):
+class HARNetTrainer(LossNormalizerStateMixin, DefaultTrainer):
     """``DefaultTrainer`` with HAR-Net's evaluator, optimizer and test-time augmentation.
 
     Used exactly like ``DefaultTrainer``::
@@ -81,11 +89,11 @@ class HARNetTrainer(DefaultTrainer):
         data_loader = self.build_train_loader(cfg)
 
         model = create_ddp_model(model, **ddp_kwargs_for(model, broadcast_buffers=False))
-        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(
+        self._trainer = (GuardedAMPTrainer if cfg.SOLVER.AMP.ENABLED else GuardedSimpleTrainer)(
             model, data_loader, optimizer
         )
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = DetectionCheckpointer(
+        self.checkpointer = AtomicDetectionCheckpointer(
             model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
         )
         self.start_iter = 0

@@ -1,0 +1,85 @@
+"""``check_harnet_config(cfg)``: element types and ranges of ``cfg.MODEL.HARNET`` that yacs
+cannot check.
+
+yacs rejects unknown keys and a value whose type differs from the default's (``ENABLED:
+"yes"``, ``CHANNELS: 16.5``), with the key in the message. It does not look inside lists:
+``SPATIAL.DILATIONS: [1, 2, 5, 2]`` (a flat list), ``[[1, 2.5, 5, 2]]`` (silently truncated
+to 2 by ``int()``), ``ALIGN.MID_CHANNELS: ["256"]`` or ``CHANNEL.LOSS_WEIGHTS: ["a", "b"]``
+reach the model builders and fail there, if at all, with messages that do not name the key.
+Ranges the builders do not check (a negative ``ALIGN.OFFSET_LR_FACTOR`` would make the
+offsets ascend their gradient) are checked here too. Combinations that depend on the
+network (rows of dilations vs. head levels, groups vs. channels) are checked by the
+builders (``harnet.modeling``), which know the shapes.
+"""
+import math
+import numbers
+
+__all__ = ["check_harnet_config"]
+
+
+def _fail(key, expected, value):
+    raise ValueError(f"cfg.{key} must be {expected}, got {value!r}")
+
+
+def _is_int(v):
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v):
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _positive_int(key, v):
+    if not (_is_int(v) and v > 0):
+        _fail(key, "a positive int", v)
+
+
+def _finite(key, v, minimum=None):
+    if not _is_real(v) or (minimum is not None and v < minimum):
+        _fail(key, "a finite number" + (f" >= {minimum}" if minimum is not None else ""), v)
+
+
+def check_harnet_config(cfg):
+    """Raise ``ValueError`` naming the key for an invalid ``cfg.MODEL.HARNET`` value.
+
+    Args:
+        cfg (CfgNode): a config with ``harnet.add_harnet_config`` applied.
+    """
+    h = cfg.MODEL.HARNET
+    a, k = h.ALIGN, "MODEL.HARNET.ALIGN."
+    feats = list(a.IN_FEATURES)
+    if not all(isinstance(f, str) for f in feats):
+        _fail(k + "IN_FEATURES", "a list of backbone output names (str)", a.IN_FEATURES)
+    mids = list(a.MID_CHANNELS)
+    if not mids or not all(_is_int(m) and m > 0 for m in mids):
+        _fail(k + "MID_CHANNELS", "a non-empty list of positive ints", a.MID_CHANNELS)
+    _positive_int(k + "DEFORM_GROUPS", a.DEFORM_GROUPS)
+    _positive_int(k + "NORM_GROUPS", a.NORM_GROUPS)
+    _finite(k + "LAST_NORM_INIT", a.LAST_NORM_INIT)
+    _finite(k + "OFFSET_LR_FACTOR", a.OFFSET_LR_FACTOR, minimum=0)
+
+    _positive_int("MODEL.HARNET.CLGN.NUM_GROUPS", h.CLGN.NUM_GROUPS)
+    _finite("MODEL.HARNET.CLGN.LAST_NORM_INIT", h.CLGN.LAST_NORM_INIT)
+
+    s, k = h.SPATIAL, "MODEL.HARNET.SPATIAL."
+    rows = s.DILATIONS
+    ok = isinstance(rows, (list, tuple)) and len(rows) > 0 and all(
+        isinstance(r, (list, tuple)) and len(r) > 0 and all(_is_int(d) and d > 0 for d in r)
+        for r in rows
+    )
+    if not ok:
+        _fail(
+            k + "DILATIONS",
+            "a list of non-empty lists of positive ints, one per head level or one for all "
+            "(e.g. [[1, 2, 5, 2]])",
+            rows,
+        )
+    _positive_int(k + "CHANNELS", s.CHANNELS)
+    if not (_is_int(s.NORM_GROUPS) and s.NORM_GROUPS >= 0):
+        _fail(k + "NORM_GROUPS", "an int >= 0", s.NORM_GROUPS)
+
+    c, k = h.CHANNEL, "MODEL.HARNET.CHANNEL."
+    _positive_int(k + "HIDDEN", c.HIDDEN)
+    weights = list(c.LOSS_WEIGHTS)
+    if len(weights) != 2 or not all(_is_real(w) and w >= 0 for w in weights):
+        _fail(k + "LOSS_WEIGHTS", "two finite numbers >= 0 (predictors A and B)", c.LOSS_WEIGHTS)

@@ -254,3 +254,51 @@ def test_visualize(tmp_path, data_root):
     assert det.shape[:2] == (64, 64)
     # image + one panel per level (P3-P7), 4 px separators, an 18 px label bar.
     assert att.shape[:2] == (64 + 18, 6 * 64 + 5 * 4)
+
+
+def write_coco_dataset(folder, num_images, seed):
+    """A tiny COCO-format dataset written here: filled rectangles of 2 classes on noise."""
+    import cv2
+
+    rng = np.random.RandomState(seed)
+    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+    images, annotations = [], []
+    for i in range(num_images):
+        img = rng.randint(0, 80, (64, 80, 3)).astype(np.uint8)
+        for _ in range(2):
+            w, h = rng.randint(10, 30, 2)
+            x, y = rng.randint(0, 80 - w), rng.randint(0, 64 - h)
+            cat = int(rng.randint(2))
+            img[y:y + h, x:x + w] = (255, 255, 255) if cat == 0 else (0, 200, 255)
+            annotations.append(dict(id=len(annotations) + 1, image_id=i + 1, category_id=[3, 7][cat],
+                                    bbox=[int(x), int(y), int(w), int(h)], area=int(w * h), iscrowd=0))
+        name = f"img{i}.png"
+        cv2.imwrite(os.path.join(folder, "images", name), img)
+        images.append(dict(id=i + 1, file_name=name, height=64, width=80))
+    categories = [dict(id=3, name="white"), dict(id=7, name="orange")]
+    path = os.path.join(folder, "instances.json")
+    with open(path, "w") as f:
+        json.dump(dict(images=images, annotations=annotations, categories=categories), f)
+    return path, os.path.join(folder, "images")
+
+
+def test_register_coco_format_from_command_line(tmp_path, data_root):
+    train_json, train_images = write_coco_dataset(str(tmp_path / "train"), 3, seed=0)
+    val_json, val_images = write_coco_dataset(str(tmp_path / "val"), 2, seed=1)
+    out = str(tmp_path / "run")
+    res = run(
+        ["--config-file", DEMO_YAML,
+         "--register-coco", "test_coco_train", train_json, train_images,
+         "--register-coco", "test_coco_val", val_json, val_images]
+        + tiny_opts(data_root, out, max_iter=2)
+        + ["DATASETS.TRAIN", "('test_coco_train',)", "DATASETS.TEST", "('test_coco_val',)",
+           "MODEL.RETINANET.NUM_CLASSES", "2"]
+    )
+    assert BBOX_KEYS <= set(res["bbox"])
+    # The evaluation used the JSON's own category ids (3 and 7), i.e. that dataset.
+    with open(os.path.join(out, "inference", "coco_instances_results.json")) as f:
+        assert {d["category_id"] for d in json.load(f)} <= {3, 7}
+    # A path that does not exist is an error naming it.
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        run(["--config-file", DEMO_YAML, "--register-coco", "test_coco_bad",
+             str(tmp_path / "nope.json"), train_images] + tiny_opts(data_root, out))

@@ -15,6 +15,7 @@ is at least as many steps as remain, so it is only done for small problems, wher
 overhead dominates.
 """
 
+import math
 from typing import Tuple
 
 import torch
@@ -162,9 +163,8 @@ def _soft_nms_checked(boxes, scores, idxs, method, sigma, iou_threshold, score_t
     )
 
 
-def _decay_weights(iou: Tensor, method: str, sigma: float, iou_threshold: float) -> Tensor:
-    if method == "gaussian":
-        return torch.exp(-(iou * iou) / sigma)
+def _decay_weights(iou: Tensor, method: str, iou_threshold: float) -> Tensor:
+    """Multiplicative decay of "linear" and "hard" (Gaussian decays in log space)."""
     if method == "linear":
         return torch.where(iou > iou_threshold, 1 - iou, torch.ones_like(iou))
     return (iou <= iou_threshold).to(iou.dtype)  # "hard"
@@ -186,9 +186,19 @@ def _greedy_soft_nms(
     out_dtype = scores.dtype
     # Half precision is too coarse for IoU and repeated decays.
     dtype = torch.promote_types(scores.dtype, torch.float32)
+    # Gaussian decays are done on log-scores, log(s) -= IoU^2 / sigma: no exp per step
+    # (transcendental ops are the costliest per element, and start parallel regions early).
+    # A zero score cannot be represented there; such boxes (possible with
+    # score_threshold <= 0) can never decay anything but each other, by factors > 0: all
+    # are kept, last, with score 0.
+    log_space = method == "gaussian"
+    zero_score = candidates[:0]
+    if log_space and score_threshold <= 0:
+        is_zero = scores[candidates] == 0
+        zero_score, candidates = candidates[is_zero], candidates[~is_zero]
     n = candidates.numel()
     if n == 0:
-        return candidates, scores[candidates]
+        return zero_score, scores[zero_score]
 
     # Layout: one row per category, its boxes packed from the left in index order
     # (so that a row's first maximum is its lowest-index box); -inf marks no/dead box.
@@ -199,37 +209,47 @@ def _greedy_soft_nms(
     row = torch.repeat_interleave(torch.arange(num_rows, device=device), counts)
     col = torch.arange(n, device=device) - (torch.cumsum(counts, 0) - counts)[row]
     S = torch.full((num_rows, num_cols), float("-inf"), dtype=dtype, device=device)
-    S[row, col] = scores[orig].to(dtype)
+    s0 = scores[orig].to(dtype)
+    S[row, col] = torch.log(s0) if log_space else s0
     # Coordinates as four contiguous planes: strided (..., 4) views are several times slower.
     C = torch.zeros((4, num_rows, num_cols), dtype=dtype, device=device)
     C[:, row, col] = boxes[orig].to(dtype).t()
     index = torch.full((num_rows, num_cols), -1, dtype=torch.int64, device=device)
     index[row, col] = orig
     area = (C[2] - C[0]) * (C[3] - C[1])
-    # Zero weights only come from "hard"/"linear" (or Gaussian underflow); they must drop a
-    # box even when score_threshold <= 0.
-    check_zero = method != "gaussian" or score_threshold <= 0
-    neg_inv_sigma = -1.0 / sigma
+    if log_space:
+        threshold = math.log(score_threshold) if score_threshold > 0 else float("-inf")
+    else:
+        threshold = score_threshold
+    # A zero weight (hard / linear at IoU 1) drops a box; with score_threshold > 0 the
+    # threshold test already does.
+    check_zero = not log_space and score_threshold <= 0
+    inv_sigma = 1.0 / sigma
+    neg_inf = torch.tensor(float("-inf"), dtype=dtype, device=device)
 
-    def pair_weights():
-        # All same-row pair weights cost as much as as many greedy steps as the row is long,
-        # which is at least as many as remain: only worth it while per-op overhead dominates.
+    def pair_decays():
+        # All same-row pairs cost as much as as many greedy steps as the row is long, which
+        # is at least as many as remain: only worth it while per-op overhead dominates.
         if S.shape[0] * S.shape[1] * S.shape[1] > pair_weights_budget:
             return None
         B = C.permute(1, 2, 0)
-        return _decay_weights(
-            elementwise_iou(B[:, :, None, :], B[:, None, :, :]), method, sigma, iou_threshold
+        iou = elementwise_iou(B[:, :, None, :], B[:, None, :, :])
+        return (
+            iou.mul_(iou).mul_(inv_sigma)
+            if log_space
+            else _decay_weights(iou, method, iou_threshold)
         )
 
-    W = pair_weights()
+    W = pair_decays()
     x1, y1, x2, y2 = C.unbind(0)
     kept_index, kept_scores = [], []
     step, next_check = 0, 1
     while True:
-        best, j = S.max(dim=1)  # first maximum: the lowest index among ties
-        j = j[:, None]
+        # argmax + gather, not max(dim=1): the latter runs a parallel region even for tiny
+        # inputs, very slow on a busy CPU. argmax takes the first maximum (lowest index).
+        j = S.argmax(dim=1, keepdim=True)
         kept_index.append(index.gather(1, j))
-        kept_scores.append(best)
+        kept_scores.append(S.gather(1, j))
         if W is not None:
             w = W.gather(1, j[:, :, None].expand(-1, -1, W.shape[2])).squeeze(1)
         else:
@@ -240,15 +260,15 @@ def _greedy_soft_nms(
             union = (area + area.gather(1, j)).sub_(inter)
             # union == 0 only for two empty boxes (then inter == 0 and IoU is 0).
             iou = inter.div_(union.clamp_(min=torch.finfo(dtype).tiny))
-            if method == "gaussian":
-                w = iou.mul_(iou).mul_(neg_inv_sigma).exp_()
-            else:
-                w = _decay_weights(iou, method, sigma, iou_threshold)
-        S.mul_(w)  # dead boxes stay -inf (or NaN where w == 0, dropped just below)
-        dead = S < score_threshold
+            w = iou.mul_(iou) if log_space else _decay_weights(iou, method, iou_threshold)
+        if log_space:
+            S.sub_(w, alpha=1.0 if W is not None else inv_sigma)  # -inf stays -inf
+        else:
+            S.mul_(w)  # dead boxes stay -inf, or NaN where w == 0: both fail the test below
+        live = S >= threshold
         if check_zero:
-            dead |= w == 0
-        S.masked_fill_(dead, float("-inf"))
+            live &= w != 0
+        S = torch.where(live, S, neg_inf)
         S.scatter_(1, j, float("-inf"))
         step += 1
         if step < next_check and step < num_cols:
@@ -262,22 +282,34 @@ def _greedy_soft_nms(
             break
         width = int(alive_per_row.max())
         if live_rows.numel() < 0.75 * S.shape[0] or width < 0.75 * S.shape[1]:
-            # Stable sort on "dead": live boxes move left keeping their (index) order.
-            perm = torch.sort((~alive[live_rows]).to(torch.int8), dim=1, stable=True)[1]
-            perm = perm[:, :width]
+            # Live boxes move left keeping their (index) order: perm[r, c] is the old column
+            # of new column c (padding: column 0, masked dead). No sort: a sort over rows
+            # is as slow as max(dim=1) on a busy CPU.
+            live_alive = alive[live_rows]
+            rr, cc = torch.nonzero(live_alive, as_tuple=True)
+            new_cc = live_alive.cumsum(dim=1)[rr, cc] - 1
+            perm = torch.zeros((live_rows.numel(), width), dtype=torch.int64, device=device)
+            perm[rr, new_cc] = cc
+            padding = torch.ones((live_rows.numel(), width), dtype=torch.bool, device=device)
+            padding[rr, new_cc] = False
             r = live_rows[:, None]
-            S, C, index, area = S[r, perm], C[:, r, perm], index[r, perm], area[r, perm]
+            S = S[r, perm].masked_fill_(padding, float("-inf"))
+            C, index, area = C[:, r, perm], index[r, perm], area[r, perm]
             x1, y1, x2, y2 = C.unbind(0)
             if W is not None:
                 W = W[live_rows[:, None, None], perm[:, :, None], perm[:, None, :]]
             else:
-                W = pair_weights()
+                W = pair_decays()
         num_cols = step + S.shape[1]  # no row can need more steps than this
 
     keep = torch.cat(kept_index).squeeze(1)
-    new_scores = torch.cat(kept_scores)
+    new_scores = torch.cat(kept_scores).squeeze(1)
     valid = new_scores > float("-inf")
     keep, new_scores = keep[valid], new_scores[valid]
+    if log_space:
+        new_scores = torch.exp(new_scores)
+    keep = torch.cat([keep, zero_score])
+    new_scores = torch.cat([new_scores, scores[zero_score].to(dtype)])
     # Decreasing score; ties by increasing index (the order the greedy loop takes them).
     keep, by_index = torch.sort(keep)
     new_scores = new_scores[by_index]

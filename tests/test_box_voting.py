@@ -164,7 +164,7 @@ def test_matches_slow_definition_on_random_sets(scoring):
         torch.testing.assert_close(got_s, torch.tensor(ref_s, dtype=got_s.dtype))
 
 
-def test_chunked_iou_blocks_give_the_same_result(monkeypatch):
+def test_blocked_iou_gives_the_same_result(monkeypatch):
     import importlib
 
     bv = importlib.import_module("harnet.layers.box_voting")  # the module, not the function
@@ -173,13 +173,14 @@ def test_chunked_iou_blocks_give_the_same_result(monkeypatch):
     n = 60
     xy = torch.rand(n, 2, generator=g) * 50
     cands = torch.cat([xy, xy + 10 + torch.rand(n, 2, generator=g) * 10], 1)
-    cscores, cidxs = torch.rand(n, generator=g), torch.randint(2, (n,), generator=g)
+    cscores, cidxs = torch.rand(n, generator=g), torch.randint(4, (n,), generator=g)
     keep, ks = batched_soft_nms(cands, cscores, cidxs)
     full = {
         s: batched_box_voting(cands[keep], ks, cidxs[keep], cands, cscores, cidxs, 0.5, s)
         for s in ("max", "caffe")
     }
     monkeypatch.setattr(bv, "_IOU_BLOCK_BUDGET", n * 3)  # 3 kept boxes per block
+    monkeypatch.setattr(bv, "_ROWS_PER_BLOCK", 4)  # blocks spanning category boundaries
     for s, expected in full.items():
         torch.testing.assert_close(
             batched_box_voting(cands[keep], ks, cidxs[keep], cands, cscores, cidxs, 0.5, s),

@@ -18,6 +18,8 @@ VOTING_SCORINGS = ("max", "keep", "avg", "caffe")
 _CAFFE_NEIGHBORS = 4
 # Largest kept x candidates IoU block held in memory at once (float32: 16 MiB).
 _IOU_BLOCK_BUDGET = 1 << 22
+# Kept boxes per block when voting per category (blocks follow the category order).
+_ROWS_PER_BLOCK = 128
 
 
 def box_voting(
@@ -146,16 +148,30 @@ def _check_voting_inputs(boxes, scores, candidate_boxes, candidate_scores, iou_t
 
 
 def _iou_blocks(boxes, idxs, candidate_boxes, candidate_idxs):
-    """Yields (start, IoU block) over row chunks of the kept boxes; -1 across categories
-    (idxs None: one category)."""
+    """Yields (rows, columns, IoU block) over blocks of kept boxes; -1 across categories.
+
+    With categories (``idxs`` not None), both inputs must be sorted by category: a block of
+    consecutive kept boxes is only compared with the candidates of the categories it spans,
+    so the work is close to sum over categories of kept x candidates, not all pairs.
+    """
     k, m = boxes.shape[0], candidate_boxes.shape[0]
-    step = max(1, _IOU_BLOCK_BUDGET // max(m, 1))
-    for start in range(0, k, step):
-        iou = pairwise_iou(boxes[start : start + step], candidate_boxes)
-        if idxs is not None:
-            other = idxs[start : start + step, None] != candidate_idxs[None, :]
-            iou.masked_fill_(other, -1.0)
-        yield start, iou
+    if idxs is None:
+        step = max(1, _IOU_BLOCK_BUDGET // max(m, 1))
+        for start in range(0, k, step):
+            rows = slice(start, min(start + step, k))
+            yield rows, slice(0, m), pairwise_iou(boxes[rows], candidate_boxes)
+        return
+    lo = torch.searchsorted(candidate_idxs, idxs, right=False).tolist()
+    hi = torch.searchsorted(candidate_idxs, idxs, right=True).tolist()
+    start = 0
+    while start < k:
+        end = min(start + _ROWS_PER_BLOCK, k)
+        while end - start > 1 and (end - start) * (hi[end - 1] - lo[start]) > _IOU_BLOCK_BUDGET:
+            end = start + (end - start) // 2
+        rows, cols = slice(start, end), slice(lo[start], hi[end - 1])
+        iou = pairwise_iou(boxes[rows], candidate_boxes[cols])
+        yield rows, cols, iou.masked_fill_(idxs[rows, None] != candidate_idxs[None, cols], -1.0)
+        start = end
 
 
 def _box_voting(boxes, scores, idxs, cand_boxes, cand_scores, cand_idxs, iou_threshold, scoring):
@@ -164,26 +180,30 @@ def _box_voting(boxes, scores, idxs, cand_boxes, cand_scores, cand_idxs, iou_thr
     out_boxes, out_scores = boxes.clone(), scores.clone()
     if k == 0 or cand_boxes.shape[0] == 0:
         return out_boxes, out_scores
-    b, cb = boxes.to(dtype), cand_boxes.to(dtype)
-    cs = cand_scores.to(dtype)
+    b, sc, cb, cs = boxes.to(dtype), scores.to(dtype), cand_boxes.to(dtype), cand_scores.to(dtype)
+    if idxs is not None:
+        # Sort both sides by category (stable: "caffe" visits a category's kept boxes in the
+        # given order, and ranks tied candidates by index).
+        idxs, k_order = torch.sort(idxs.long(), stable=True)
+        cand_idxs, c_order = torch.sort(cand_idxs.long(), stable=True)
+        b, sc, cb, cs = b[k_order], sc[k_order], cb[c_order], cs[c_order]
     if scoring == "caffe":
         voted_boxes, voted_scores, has = _caffe_voting(
-            b, scores.to(dtype), idxs, cb, cs, cand_idxs, iou_threshold
+            b, sc, idxs, cb, cs, cand_idxs, iou_threshold
         )
     else:
         weight_sum = torch.zeros(k, dtype=dtype, device=b.device)
         weighted_boxes = torch.zeros((k, 4), dtype=dtype, device=b.device)
         stat = torch.zeros(k, dtype=dtype, device=b.device)  # voters' max score or count
-        for start, iou in _iou_blocks(b, idxs, cb, cand_idxs):
+        for rows, cols, iou in _iou_blocks(b, idxs, cb, cand_idxs):
             w = (iou >= iou_threshold).to(dtype)
-            rows = slice(start, start + iou.shape[0])
             if scoring == "avg":
                 stat[rows] = w.sum(dim=1)
-            w.mul_(cs)  # voters' scores, 0 elsewhere (scores are >= 0)
-            if scoring == "max":
+            w.mul_(cs[cols])  # voters' scores, 0 elsewhere (scores are >= 0)
+            if scoring == "max" and w.shape[1]:
                 stat[rows] = w.amax(dim=1)
             weight_sum[rows] = w.sum(dim=1)
-            weighted_boxes[rows] = w @ cb
+            weighted_boxes[rows] = w @ cb[cols]
         has = weight_sum > 0
         safe = torch.where(has, weight_sum, torch.ones_like(weight_sum))
         voted_boxes = weighted_boxes / safe[:, None]
@@ -192,7 +212,11 @@ def _box_voting(boxes, scores, idxs, cand_boxes, cand_scores, cand_idxs, iou_thr
         elif scoring == "avg":
             voted_scores = weight_sum / stat.clamp(min=1)
         else:  # "keep"
-            voted_scores = scores.to(dtype)
+            voted_scores = sc
+    if idxs is not None:  # back to the input order
+        voted_boxes = torch.empty_like(voted_boxes).index_copy_(0, k_order, voted_boxes)
+        voted_scores = torch.empty_like(voted_scores).index_copy_(0, k_order, voted_scores)
+        has = torch.empty_like(has).index_copy_(0, k_order, has)
     out_boxes[has] = voted_boxes[has].to(out_boxes.dtype)
     out_scores[has] = voted_scores[has].to(out_scores.dtype)
     return out_boxes, out_scores
@@ -204,11 +228,14 @@ def _caffe_voting(boxes, scores, idxs, cand_boxes, cand_scores, cand_idxs, iou_t
     # owner[j]: first kept box (in order) of j's category with IoU >= threshold; k = none.
     owner = torch.full((m,), k, dtype=torch.int64, device=device)
     is_copy = torch.zeros(m, dtype=torch.bool, device=device)
-    for start, iou in _iou_blocks(boxes, idxs, cand_boxes, cand_idxs):
-        is_copy |= (iou == 1).any(dim=0)
+    for rows, cols, iou in _iou_blocks(boxes, idxs, cand_boxes, cand_idxs):
+        if iou.numel() == 0:
+            continue
+        is_copy[cols] |= (iou == 1).any(dim=0)
         hits = iou >= iou_threshold
-        first = hits.to(torch.uint8).argmax(dim=0) + start  # first hit; argmax takes the first
-        owner = torch.where((owner == k) & hits.any(dim=0), first, owner)
+        # First hit of each candidate in this block (argmax takes the first maximum).
+        first = hits.to(torch.uint8).argmax(dim=0) + rows.start
+        owner[cols] = torch.where((owner[cols] == k) & hits.any(dim=0), first, owner[cols])
     owner[is_copy] = k  # copies of kept boxes (the kept boxes themselves) never vote
     voters = torch.nonzero(owner < k).squeeze(1)
     own, s = owner[voters], cand_scores[voters]

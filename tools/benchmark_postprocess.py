@@ -179,7 +179,8 @@ def run_model(args):
     cfg.MODEL.DEVICE = args.device
     cfg.MODEL.WEIGHTS = ""
     # Random weights score every anchor near the prior (0.01): lower the candidate score
-    # threshold so that suppression sees a realistic number of candidates.
+    # threshold so that suppression sees candidates (0: the most RetinaNet keeps, top-k per
+    # level on every level).
     cfg.MODEL.RETINANET.SCORE_THRESH_TEST = args.score_thresh
     cfg.INPUT.MIN_SIZE_TEST = args.size
     torch.manual_seed(0)
@@ -187,20 +188,23 @@ def run_model(args):
     h, w = args.size, int(args.size * 4 / 3)
     image = (torch.rand(3, h, w) * 255).to(torch.uint8)
     inputs = [{"image": image, "height": h, "width": w}]
-    device = torch.device(args.device)
+    cuda = torch.device(args.device).type == "cuda"
 
-    suppress_ms, suppress_ms_n = [], []
+    def clock():
+        # On CPU, the process CPU time as well as wall time: on a shared machine the wall
+        # time of one run swings with other processes' load, the CPU time much less.
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter(), time.process_time()
+
+    last = {}
     original_suppress = model.suppress
 
     def timed_suppress(instances):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0 = clock()
         out = original_suppress(instances)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        suppress_ms.append((time.perf_counter() - t0) * 1000)
-        suppress_ms_n.append(len(instances))
+        t1 = clock()
+        last.update(n=len(instances), wall=t1[0] - t0[0], cpu=t1[1] - t0[1])
         return out
 
     model.suppress = timed_suppress
@@ -208,62 +212,51 @@ def run_model(args):
         "hard NMS (Detectron2)": dict(model.postprocess_params),
         "authors (gaussian + caffe voting)": dict(model.postprocess_params, **AUTHORS),
     }
-    rows, tta_rows = [], []
+    tests = {"plain model": model}
+    for label, sizes, flip in (
+        ("TTA single-scale", (args.size,), False),
+        ("TTA double-scale", (args.size, args.size2), False),
+        ("TTA double-scale + flip", (args.size, args.size2), True),
+    ):
+        tcfg = cfg.clone()
+        tcfg.TEST.AUG.MIN_SIZES, tcfg.TEST.AUG.FLIP = sizes, flip
+        tcfg.TEST.AUG.MAX_SIZE = int(math.ceil(max(sizes) * 5 / 3))
+        tests[label] = harnet.HARRetinaNetWithTTA(tcfg, model)
+    results = {}  # (setting, test) -> list of (wall, cpu, suppress wall, suppress cpu, n)
     with torch.no_grad():
         for name, params in settings.items():
             model.postprocess_params = params
-            # Plain inference: share of suppression in the total.
-            total = []
-            for i in tqdm(range(args.iters + 1), desc=f"model, {name}", leave=False):
-                suppress_ms.clear(), suppress_ms_n.clear()
-                t0 = time.perf_counter()
-                model(copy.deepcopy(inputs))
-                if i:  # the first run is a warm-up
-                    total.append(
-                        ((time.perf_counter() - t0) * 1000, suppress_ms[0], suppress_ms_n[0])
+            model(copy.deepcopy(inputs))  # warm-up
+            # Interleaved, so that a change of load hits every test alike.
+            for _ in tqdm(range(args.iters), desc=name, leave=False):
+                for label, m in tests.items():
+                    t0 = clock()
+                    m(copy.deepcopy(inputs))
+                    t1 = clock()
+                    results.setdefault((name, label), []).append(
+                        (t1[0] - t0[0], t1[1] - t0[1], last["wall"], last["cpu"], last["n"])
                     )
-            t, s, n = (statistics.median(x) for x in zip(*total))
-            rows.append((name, n, t, s, 100 * s / t))
-            # TTA: single-scale, double-scale, double-scale + flip.
-            tta_base = None
-            for label, sizes, flip in (
-                ("single-scale (TTA wrapper)", (args.size,), False),
-                ("double-scale", (args.size, args.size2), False),
-                ("double-scale + flip", (args.size, args.size2), True),
-            ):
-                tcfg = cfg.clone()
-                tcfg.TEST.AUG.MIN_SIZES, tcfg.TEST.AUG.FLIP = sizes, flip
-                tcfg.TEST.AUG.MAX_SIZE = int(math.ceil(max(sizes) * 5 / 3))
-                tta = harnet.HARRetinaNetWithTTA(tcfg, model)
-                times = []
-                for i in tqdm(range(args.iters + 1), desc=f"TTA {label}", leave=False):
-                    suppress_ms.clear(), suppress_ms_n.clear()
-                    t0 = time.perf_counter()
-                    tta(copy.deepcopy(inputs))
-                    if i:
-                        times.append(
-                            ((time.perf_counter() - t0) * 1000, suppress_ms[0], suppress_ms_n[0])
-                        )
-                t, s, n = (statistics.median(x) for x in zip(*times))
-                tta_base = tta_base or t
-                tta_rows.append((name, label, n, t, t / tta_base, s))
     print(
         f"{args.config_file}, random weights, SCORE_THRESH_TEST {args.score_thresh}, "
-        f"image {h}x{w}, {args.device}, torch threads {torch.get_num_threads()}, "
-        f"median of {args.iters} runs\n"
+        f"image {h}x{w}, second scale {args.size2}, {args.device}, torch threads "
+        f"{torch.get_num_threads()}; best of {args.iters} runs; CPU = process CPU time\n"
     )
-    print("| post-processing | candidates | inference ms | suppress ms | suppress share |")
-    print("|---|---|---|---|---|")
-    for name, n, t, s, share in rows:
-        print(f"| {name} | {n:.0f} | {t:.0f} | {s:.1f} | {share:.2f}% |")
-    print()
     print(
-        "| post-processing | test | candidates merged | ms per image | x single-scale "
-        "| suppress ms |"
+        "| post-processing | test | candidates suppressed | CPU ms | wall ms | suppress CPU ms "
+        "| suppress share (CPU) | x plain model (CPU) |"
     )
-    print("|---|---|---|---|---|---|")
-    for name, label, n, t, ratio, s in tta_rows:
-        print(f"| {name} | {label} | {n:.0f} | {t:.0f} | {ratio:.2f} | {s:.1f} |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in settings:
+        base = None
+        for label in tests:
+            runs = results[(name, label)]
+            wall, cpu = min(r[0] for r in runs), min(r[1] for r in runs)
+            s_cpu = min(r[3] for r in runs)
+            base = base or cpu
+            print(
+                f"| {name} | {label} | {runs[0][4]} | {cpu * 1e3:.0f} | {wall * 1e3:.0f} "
+                f"| {s_cpu * 1e3:.1f} | {100 * s_cpu / cpu:.2f}% | {cpu / base:.2f} |"
+            )
 
 
 def main():
@@ -278,7 +271,7 @@ def main():
     mod.add_argument("--size", type=int, default=800, help="test short side")
     mod.add_argument("--size2", type=int, default=1000, help="second scale of double-scale")
     mod.add_argument("--score-thresh", type=float, default=0.0)
-    mod.add_argument("--iters", type=int, default=2)
+    mod.add_argument("--iters", type=int, default=3)
     for p in (ops, mod):
         p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args()

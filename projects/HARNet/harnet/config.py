@@ -190,13 +190,17 @@ def _add_data_config(cfg):
 
 
 def _add_train_config(cfg):
-    """Training: the two-step schedule.
+    """Training: the optimizer choice and the two-step schedule.
 
     Step 1 trains the main network with some attention switches off, step 2 switches them
     back on and continues from step 1's final weights (reference, section 4). Step 2 uses
     the config's own switches and the usual SOLVER schedule (MAX_ITER, STEPS, BASE_LR,
     WARMUP_*); outputs go to OUTPUT_DIR/step1 and OUTPUT_DIR/step2.
     """
+    # "SGD" (Detectron2's, with MOMENTUM / NESTEROV) or "AdamW" (decoupled WEIGHT_DECAY);
+    # both on HARNet's parameter groups (lr factors) with SOLVER.CLIP_GRADIENTS.
+    cfg.SOLVER.OPTIMIZER = "SGD"
+
     ts = cfg.SOLVER.TWO_STEP = CN()
     # Run the two-step schedule (``train_net.py --two-step`` sets it).
     ts.ENABLED = False

@@ -5,7 +5,8 @@ Differences from ``DefaultTrainer`` (everything else, hooks included, is inherit
 - ``build_evaluator``: COCO box AP; pycocotools' own evaluation when Detectron2 was
   installed without its compiled ops (the fast evaluator lives in ``detectron2._C``).
 - ``build_optimizer``: :func:`harnet.solver.build_optimizer`, which honours the per-module
-  ``lr_factor`` attributes of the attention modules.
+  ``lr_factor`` attributes of the attention modules (SGD, Detectron2's optimizer), or
+  AdamW on the same parameter groups (``SOLVER.OPTIMIZER``).
 - ``build_train_loader`` / ``build_test_loader``: :mod:`harnet.data.loaders` (Detectron2's
   loaders with HARNet's checked mapper; images without a valid box dropped up front).
 - ``test_with_TTA``: evaluation through :class:`harnet.tta.HARRetinaNetWithTTA`.
@@ -23,14 +24,16 @@ import os
 import weakref
 from collections import OrderedDict
 
+import torch
 from detectron2.engine import DefaultTrainer, create_ddp_model
 from detectron2.engine.train_loop import TrainerBase
 from detectron2.evaluation import COCOEvaluator
+from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..data.loaders import build_harnet_test_loader, build_harnet_train_loader
-from ..solver import build_optimizer
+from ..solver import build_optimizer, get_optimizer_params
 from .faults import (
     AtomicDetectionCheckpointer,
     GuardedAMPTrainer,
@@ -143,7 +146,26 @@ class HARNetTrainer(LossNormalizerStateMixin, DefaultTrainer):
 
     @classmethod
     def build_optimizer(cls, cfg, model):
-        return build_optimizer(cfg, model)
+        """``cfg.SOLVER.OPTIMIZER``: "SGD" is :func:`harnet.solver.build_optimizer`;
+        "AdamW" uses the same parameter groups (lr factors, norm/bias weight decay) and
+        gradient clipping with ``torch.optim.AdamW`` (lr ``BASE_LR``, decoupled weight decay
+        ``WEIGHT_DECAY``)."""
+        name = cfg.SOLVER.OPTIMIZER
+        if name == "SGD":
+            return build_optimizer(cfg, model)
+        if name == "AdamW":
+            params = get_optimizer_params(
+                model,
+                base_lr=cfg.SOLVER.BASE_LR,
+                weight_decay=cfg.SOLVER.WEIGHT_DECAY,
+                weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
+                bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
+                weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
+            )
+            return maybe_add_gradient_clipping(cfg, torch.optim.AdamW)(
+                params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY
+            )
+        raise ValueError(f"SOLVER.OPTIMIZER={name!r} is unknown; use 'SGD' or 'AdamW'")
 
     @classmethod
     def build_train_loader(cls, cfg):

@@ -97,8 +97,8 @@ def _by_hand_to_original(boxes, view_hw, flipped, orig_hw=(64, 96)):
 
 
 def test_views_are_batched_and_merged_before_one_suppression(model):
-    # Two scales x flip = 4 views in batches of 3: the result is one suppression of all the
-    # views' candidates mapped back (checked with NMS that suppresses nothing).
+    # Two scales x flip = 4 views, batched by size: the result is one suppression of all
+    # the views' candidates mapped back (checked with NMS that suppresses nothing).
     cfg = _cfg(min_sizes=(48, 80), flip=True)
     params = dict(model.postprocess_params)
     model.postprocess_params.update(iou_threshold=1.0, max_detections=100000)
@@ -107,10 +107,11 @@ def test_views_are_batched_and_merged_before_one_suppression(model):
         got = HARRetinaNetWithTTA(cfg, model, batch_size=3)([copy.deepcopy(inp)])[0]["instances"]
         views = DatasetMapperTTA(cfg)(copy.deepcopy(inp))
         flipped = ["HFlip" in str(v.pop("transforms")) for v in views]
-        with torch.no_grad():  # the same batches: padding makes results batch-dependent
-            cands = model.forward_candidates(views[:3], False) + model.forward_candidates(
-                views[3:], False
+        with torch.no_grad():  # batched by size: views 0 and 1 (48 px), 2 and 3 (80 px)
+            cands = model.forward_candidates(views[:2], False) + model.forward_candidates(
+                views[2:], False
             )
+
         boxes, scores = [], []
         for cand, flip in zip(cands, flipped):
             boxes.append(_by_hand_to_original(cand.pred_boxes.tensor, cand.image_size, flip))
@@ -148,8 +149,8 @@ def test_size_selection(model):
         views = DatasetMapperTTA(cfg)(copy.deepcopy(inp))
         for view in views:
             view.pop("transforms")
-        with torch.no_grad():  # one batch of 3 views, as the TTA runs them
-            cands = model.forward_candidates(views, do_postprocess=False)
+        with torch.no_grad():  # three sizes: one view per batch
+            cands = [model.forward_candidates([v], do_postprocess=False)[0] for v in views]
         for view, cand in zip(views, cands):
             short = min(view["image"].shape[1:])
             # Back to the 64 x 96 original by hand (no flip here), then the area rule.
@@ -218,3 +219,9 @@ def test_bad_model_and_config_raise(model):
     cfg.TEST.AUG.SIZE_SELECT.SMALL_AREA = 200.0**2  # above LARGE_AREA (180**2)
     with pytest.raises(ValueError, match="SIZE_SELECT.SMALL_AREA"):
         HARRetinaNetWithTTA(cfg, model)
+
+
+def test_views_are_batched_by_size(model):
+    tta = HARRetinaNetWithTTA(_cfg(), model, batch_size=2)
+    views = [{"image": torch.zeros(3, h, w)} for h, w in [(8, 9), (8, 9), (5, 9), (8, 9), (5, 9)]]
+    assert tta._batches(views) == [[0, 1], [3], [2, 4]]

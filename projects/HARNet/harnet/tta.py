@@ -47,7 +47,8 @@ class HARRetinaNetWithTTA(nn.Module):
             tta_mapper (callable): takes a dataset dict, returns the list of its augmented
                 versions, each with a "transforms" field (original image -> view).
                 Defaults to ``DatasetMapperTTA(cfg)``.
-            batch_size (int): number of views run through the model together.
+            batch_size (int): at most this many views (of the same size) run through the
+                model together.
         """
         super().__init__()
         if isinstance(model, DistributedDataParallel):
@@ -102,13 +103,11 @@ class HARRetinaNetWithTTA(nn.Module):
         height, width = int(input["height"]), int(input["width"])
         views = self.tta_mapper(input)
         transforms = [v.pop("transforms") for v in views]
-        candidates = []
-        for start in range(0, len(views), self.batch_size):
-            candidates.extend(
-                self.model.forward_candidates(
-                    views[start : start + self.batch_size], do_postprocess=False
-                )
-            )
+        candidates = [None] * len(views)
+        for batch in self._batches(views):
+            outputs = self.model.forward_candidates([views[i] for i in batch], False)
+            for i, out in zip(batch, outputs):
+                candidates[i] = out
         boxes, scores, classes = [], [], []
         for view, tfm, cand in zip(views, transforms, candidates):
             view_boxes = self._to_original(cand.pred_boxes.tensor, tfm)
@@ -124,6 +123,19 @@ class HARRetinaNetWithTTA(nn.Module):
         )
         # As the model's own inference: suppression, then clipping / empty-box removal.
         return {"instances": detector_postprocess(self.model.suppress(merged), height, width)}
+
+    def _batches(self, views) -> List[List[int]]:
+        """Indices of the views run together: at most ``batch_size``, all of one image size
+        (a batch pads its images to the largest, so mixing scales would run the small view
+        at the large one's cost, and make its candidates depend on the batch)."""
+        by_size = {}
+        for i, view in enumerate(views):
+            by_size.setdefault(tuple(view["image"].shape[-2:]), []).append(i)
+        return [
+            same[start : start + self.batch_size]
+            for same in by_size.values()
+            for start in range(0, len(same), self.batch_size)
+        ]
 
     @staticmethod
     def _to_original(boxes: torch.Tensor, tfm) -> torch.Tensor:

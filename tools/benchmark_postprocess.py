@@ -106,16 +106,22 @@ def synthetic_candidates(
 
 
 def _time_ms(fn, repeats, device):
+    """Median milliseconds per call: wall time on GPU; on CPU the process CPU time, which a
+    shared machine's load disturbs much less than wall time (with one torch thread it is
+    the op's own time)."""
     fn()  # warm-up
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
+            t0 = time.perf_counter()
+            fn()
             torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1000)
+            times.append((time.perf_counter() - t0) * 1000)
+        else:
+            t0 = time.process_time()
+            fn()
+            times.append((time.process_time() - t0) * 1000)
     return statistics.median(times)
 
 
@@ -155,8 +161,8 @@ def run_ops(args):
                     (dev, name, len(s), int(torch.bincount(c).max()), len(k), op, ms, ms / base)
                 )
     print(
-        f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}, "
-        f"median of {args.repeats} runs\n"
+        f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}, median of "
+        f"{args.repeats} runs (CPU: process CPU time; GPU: wall time)\n"
     )
     print(
         "| device | input | candidates | max per class | kept (gaussian) | op | ms "

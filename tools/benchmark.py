@@ -119,6 +119,11 @@ class Runner:
         torch.manual_seed(0)
         self.cfg, self.model = build_model_from(path, opts, args.device)
         self.optimizer = build_optimizer(self.cfg, self.model)
+        # Learning rate 0: the SGD step does the same arithmetic, and the random weights stay
+        # put (from-scratch R-50 steps diverge within two iterations on random images, and
+        # NaN features crash torchvision's CPU deformable conv).
+        for group in self.optimizer.param_groups:
+            group["lr"] = 0.0
         self.infer_inputs = [
             {k: v for k, v in d.items() if k != "instances"}
             for d in make_inputs(args.size, 1, args.device, seed=1)
@@ -387,10 +392,12 @@ def main(argv=None):
 
     dev = (torch.cuda.get_device_name() if args.device.startswith("cuda")
            else f"CPU, {torch.get_num_threads()} threads, {args.clock} clock")
+    train = ("training not measured" if args.skip_train else
+             f"training batch {args.train_batch} (SGD step included), median of "
+             f"{args.train_iters} runs")
     report = [
         f"Input {args.size[0]}x{args.size[1]}, {dev}, torch {torch.__version__}; inference "
-        f"batch 1, training batch {args.train_batch} (SGD step included); median of "
-        f"{args.iters} inference / {args.train_iters} training runs after {args.warmup} warm-up, "
+        f"batch 1, median of {args.iters} runs; {train}; after {args.warmup} warm-up, "
         f"configs interleaved; ratios (xN) to '{baseline}'.",
         "",
         render_table(results, baseline),

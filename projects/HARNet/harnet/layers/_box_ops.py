@@ -1,5 +1,7 @@
 """Small box helpers shared by soft-NMS and box voting (private)."""
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -37,6 +39,19 @@ def pairwise_iou(a: Tensor, b: Tensor) -> Tensor:
     union = (area_a[:, None] + area_b).sub_(inter)
     # union == 0 only when both boxes are empty; then inter == 0 too and IoU is 0.
     return inter.div_(union.masked_fill_(union == 0, 1.0))
+
+
+def pow2_scale(*boxes: Tensor) -> float:
+    """A power of two ``s`` with ``|coordinate| * s <= 1`` for all the given boxes (1 if they
+    already are).
+
+    Multiplying by a power of two is exact and IoU is scale-invariant, so IoUs (and
+    score-weighted means, divided back) computed on scaled boxes equal those on the
+    originals bit for bit, while areas can no longer overflow (float32 coordinates beyond
+    ~1e19 would give infinite areas, NaN IoUs and weights outside [0, 1]).
+    """
+    m = max((float(b.abs().max()) for b in boxes if b.numel()), default=0.0)
+    return 2.0 ** -math.frexp(m)[1] if m > 1 else 1.0
 
 
 def check_boxes(boxes: Tensor, name: str = "boxes") -> None:

@@ -7,7 +7,7 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from ._box_ops import check_boxes, check_same_device, check_scores, pairwise_iou
+from ._box_ops import check_boxes, check_same_device, check_scores, pairwise_iou, pow2_scale
 
 __all__ = ["box_voting", "batched_box_voting", "VOTING_SCORINGS"]
 
@@ -180,7 +180,9 @@ def _box_voting(boxes, scores, idxs, cand_boxes, cand_scores, cand_idxs, iou_thr
     out_boxes, out_scores = boxes.clone(), scores.clone()
     if k == 0 or cand_boxes.shape[0] == 0:
         return out_boxes, out_scores
-    b, sc, cb, cs = boxes.to(dtype), scores.to(dtype), cand_boxes.to(dtype), cand_scores.to(dtype)
+    scale = pow2_scale(boxes, cand_boxes)  # exact; no overflowing areas or sums
+    b, cb = boxes.to(dtype) * scale, cand_boxes.to(dtype) * scale
+    sc, cs = scores.to(dtype), cand_scores.to(dtype)
     if idxs is not None:
         # Sort both sides by category (stable: "caffe" visits a category's kept boxes in the
         # given order, and ranks tied candidates by index).
@@ -217,7 +219,7 @@ def _box_voting(boxes, scores, idxs, cand_boxes, cand_scores, cand_idxs, iou_thr
         voted_boxes = torch.empty_like(voted_boxes).index_copy_(0, k_order, voted_boxes)
         voted_scores = torch.empty_like(voted_scores).index_copy_(0, k_order, voted_scores)
         has = torch.empty_like(has).index_copy_(0, k_order, has)
-    out_boxes[has] = voted_boxes[has].to(out_boxes.dtype)
+    out_boxes[has] = (voted_boxes[has] / scale).to(out_boxes.dtype)
     out_scores[has] = voted_scores[has].to(out_scores.dtype)
     return out_boxes, out_scores
 

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import batched_nms as _tv_batched_nms
 
-from ._box_ops import check_boxes, check_same_device, check_scores, elementwise_iou
+from ._box_ops import check_boxes, check_same_device, check_scores, elementwise_iou, pow2_scale
 
 __all__ = ["soft_nms", "batched_soft_nms", "SOFT_NMS_METHODS"]
 
@@ -166,7 +166,9 @@ def _soft_nms_checked(boxes, scores, idxs, method, sigma, iou_threshold, score_t
 def _decay_weights(iou: Tensor, method: str, iou_threshold: float) -> Tensor:
     """Multiplicative decay of "linear" and "hard" (Gaussian decays in log space)."""
     if method == "linear":
-        return torch.where(iou > iou_threshold, 1 - iou, torch.ones_like(iou))
+        # Rounding can make IoU exceed 1 by an ulp: keep weights in [0, 1], so that a dead
+        # box's -inf score never turns into +inf.
+        return torch.where(iou > iou_threshold, (1 - iou).clamp_(min=0), torch.ones_like(iou))
     return (iou <= iou_threshold).to(iou.dtype)  # "hard"
 
 
@@ -213,7 +215,7 @@ def _greedy_soft_nms(
     S[row, col] = torch.log(s0) if log_space else s0
     # Coordinates as four contiguous planes: strided (..., 4) views are several times slower.
     C = torch.zeros((4, num_rows, num_cols), dtype=dtype, device=device)
-    C[:, row, col] = boxes[orig].to(dtype).t()
+    C[:, row, col] = boxes[orig].to(dtype).t() * pow2_scale(boxes[orig])
     index = torch.full((num_rows, num_cols), -1, dtype=torch.int64, device=device)
     index[row, col] = orig
     area = (C[2] - C[0]) * (C[3] - C[1])

@@ -188,6 +188,17 @@ def test_blocked_iou_gives_the_same_result(monkeypatch):
         )
 
 
+@pytest.mark.parametrize("scoring", ["max", "avg", "caffe"])
+def test_huge_coordinates_scale_exactly(scoring):
+    # Voting commutes with a power-of-two scaling, even where float32 areas would overflow.
+    kept, ks = CANDS[[0, 4]].float(), T(0.9, 0.4).float()
+    small = box_voting(kept, ks, CANDS.float(), CAND_SCORES.float(), 0.6, scoring)
+    huge = box_voting(
+        kept * 2.0**80, ks, CANDS.float() * 2.0**80, CAND_SCORES.float(), 0.6, scoring
+    )
+    assert torch.equal(huge[0], small[0] * 2.0**80) and torch.equal(huge[1], small[1])
+
+
 def test_empty_inputs_and_dtypes():
     boxes, scores = box_voting(
         torch.zeros(0, 4), torch.zeros(0), CANDS.float(), CAND_SCORES.float()

@@ -209,6 +209,18 @@ def test_decay_semantics_worked_by_hand():
     assert keep.tolist() == [0, 2, 1]
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_huge_coordinates_do_not_overflow(method):
+    # float32 areas of boxes ~1e24 overflow; results must match the (float64) definition.
+    g = torch.Generator().manual_seed(9)
+    boxes, scores, classes = random_set(40, g=g)
+    boxes = boxes * 1e23
+    keep, new_scores = batched_soft_nms(boxes.float(), scores.float(), classes, method, 0.5, 0.3)
+    ref_keep, ref_scores = slow_soft_nms(boxes, scores, classes, method, 0.5, 0.3, 0.001)
+    assert keep.tolist() == ref_keep
+    torch.testing.assert_close(new_scores, torch.tensor(ref_scores, dtype=torch.float32))
+
+
 def test_outputs_dtype_device_and_empty():
     keep, s = soft_nms(torch.zeros(0, 4), torch.zeros(0))
     assert keep.dtype == torch.int64 and keep.shape == (0,) and s.shape == (0,)

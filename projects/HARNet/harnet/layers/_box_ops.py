@@ -42,16 +42,16 @@ def pairwise_iou(a: Tensor, b: Tensor) -> Tensor:
 
 
 def pow2_scale(*boxes: Tensor) -> float:
-    """A power of two ``s`` with ``|coordinate| * s <= 1`` for all the given boxes (1 if they
-    already are).
+    """A power of two to multiply the given boxes' coordinates with, so that areas cannot
+    overflow in float32: 1 for any sane input, else ``s`` with ``|coordinate| * s <= 1``.
 
     Multiplying by a power of two is exact and IoU is scale-invariant, so IoUs (and
-    score-weighted means, divided back) computed on scaled boxes equal those on the
-    originals bit for bit, while areas can no longer overflow (float32 coordinates beyond
-    ~1e19 would give infinite areas, NaN IoUs and weights outside [0, 1]).
+    score-weighted means, divided back) computed on rescaled boxes equal those on the
+    originals bit for bit. Coordinates beyond ~1e19 would otherwise give infinite areas,
+    NaN IoUs and weights outside [0, 1].
     """
     m = max((float(b.abs().max()) for b in boxes if b.numel()), default=0.0)
-    return 2.0 ** -math.frexp(m)[1] if m > 1 else 1.0
+    return 2.0 ** -math.frexp(m)[1] if m > 2.0**60 else 1.0
 
 
 def check_boxes(boxes: Tensor, name: str = "boxes") -> None:

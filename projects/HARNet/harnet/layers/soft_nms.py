@@ -144,10 +144,12 @@ def _soft_nms_checked(boxes, scores, idxs, method, sigma, iou_threshold, score_t
 
     candidates = torch.nonzero(scores >= score_threshold).squeeze(1)
     if method == "hard":
-        # Hard NMS never changes a surviving score: torchvision's kernel gives the same keep.
+        # Hard NMS never changes a surviving score: torchvision's kernel gives the same keep
+        # (on boxes rescaled exactly by a power of two: the same IoUs, no overflow).
+        b = boxes[candidates]
         keep = candidates[
             _tv_batched_nms(
-                boxes[candidates], scores[candidates], idxs[candidates], float(iou_threshold)
+                b * pow2_scale(b), scores[candidates], idxs[candidates], float(iou_threshold)
             )
         ]
         return keep, scores[keep]
@@ -282,6 +284,8 @@ def _greedy_soft_nms(
         live_rows = torch.nonzero(alive_per_row).squeeze(1)
         if live_rows.numel() == 0:
             break
+        if step >= num_cols:  # each step removes a box from every unfinished row
+            raise RuntimeError("soft-NMS: the greedy loop did not terminate (non-finite IoU?)")
         width = int(alive_per_row.max())
         if live_rows.numel() < 0.75 * S.shape[0] or width < 0.75 * S.shape[1]:
             # Live boxes move left keeping their (index) order: perm[r, c] is the old column

@@ -353,8 +353,6 @@ def _forward_with_non_finite_features(queue):
         queue.put(str(e))
 
 
-@pytest.mark.xfail(strict=True, reason="torchvision's CPU deform_conv2d segfaults on NaN offsets; "
-                   "AlignedAttention passes them on (fix: drop NaN offsets, e.g. nan_to_num)")
 def test_diverged_features_stop_training_instead_of_crashing():
     # The trainer's non-finite loss check can only report a diverged model if the forward
     # pass returns: NaN features reaching the deformable conv must not kill the process.

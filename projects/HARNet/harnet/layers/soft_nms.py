@@ -313,7 +313,8 @@ def _greedy_soft_nms(
     valid = new_scores > float("-inf")
     keep, new_scores = keep[valid], new_scores[valid]
     if log_space:
-        new_scores = torch.exp(new_scores)
+        # exp(log(s)) can round one step above s: a decay must never raise a score.
+        new_scores = torch.minimum(torch.exp(new_scores), scores[keep].to(new_scores.dtype))
     keep = torch.cat([keep, zero_score])
     new_scores = torch.cat([new_scores, scores[zero_score].to(dtype)])
     # Decreasing score; ties by increasing index (the order the greedy loop takes them).

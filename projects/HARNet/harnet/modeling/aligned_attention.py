@@ -1,5 +1,6 @@
 """Aligned attention: a deformable-conv residual bottleneck that refines a backbone output."""
 import fvcore.nn.weight_init as weight_init
+import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torchvision.ops import DeformConv2d
@@ -93,9 +94,20 @@ class AlignedAttention(nn.Module):
                 f"got {tuple(x.shape)}"
             )
         a = F.relu(self.norm1(self.conv1(x)))
-        out = F.relu(self.norm2(self.conv2(a, self.conv2_offset(a))))
+        out = F.relu(self.norm2(self.conv2(a, self._safe_offsets(self.conv2_offset(a)))))
         out = F.relu(self.norm3(self.conv3(out)))
         return x + out
+
+    @staticmethod
+    def _safe_offsets(offset: Tensor) -> Tensor:
+        # torchvision's CPU kernel turns sampling positions into integer indices; NaN/inf
+        # or astronomically large offsets (a diverged model) make that undefined and
+        # crash the process. Any offset beyond the map's extent samples only zero
+        # padding, so clamping there changes neither the output nor the gradient, and
+        # mapping NaN to 0 lets the NaN features propagate to a non-finite loss that the
+        # trainer reports with its iteration.
+        limit = float(offset.shape[-2] + offset.shape[-1] + 8)
+        return torch.nan_to_num(offset, nan=0.0).clamp(-limit, limit)
 
     def extra_repr(self) -> str:
         return (

@@ -11,6 +11,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, RetinaNet
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, Instances
 
+from ..config_checks import check_harnet_config
 from ..layers.postprocess import postprocess_params_from_cfg, suppress_detections
 from .head import HARRetinaNetHead
 
@@ -78,6 +79,7 @@ class HARRetinaNet(RetinaNet):
     def from_config(cls, cfg):
         # Before RetinaNet.from_config, which builds (and we replace) a plain RetinaNetHead
         # that would fail on some of these with an error not naming the key.
+        check_harnet_config(cfg)
         HARRetinaNetHead.check_config(
             cfg, len(cfg.MODEL.RETINANET.IN_FEATURES), cfg.MODEL.FPN.OUT_CHANNELS
         )

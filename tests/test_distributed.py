@@ -3,7 +3,8 @@
 Equivalence: 2 processes with 1 image each must give the first iteration's loss and
 (DDP-averaged) gradients of 1 process with both images. For that to hold exactly:
 
-- per-image normalisation only: GroupNorm backbone, CLGN towers (statistics per image);
+- per-image normalisation only: GroupNorm backbone (the demo config's BatchNorm is
+  switched to GN here), CLGN towers (statistics per image);
 - the same normaliser of the focal/box losses. Detectron2's RetinaNet divides each
   worker's loss by its own EMA of the number of positive anchors, initialised at 100 and
   not synchronised across workers, so per-worker losses are *not* those of the big batch.
@@ -126,6 +127,8 @@ def data_root(tmp_path_factory):
 def test_two_processes_equal_one_process_with_both_images(tmp_path, data_root):
     common = [
         "MODEL.META_ARCHITECTURE", "HARRetinaNetSyncedNormalizer",
+        # The demo's BatchNorm normalises over the (per-process) batch; GroupNorm per image.
+        "MODEL.RESNETS.NORM", "GN",
         "SOLVER.MAX_ITER", "1",
         "SOLVER.BASE_LR", "0.0",
         "SOLVER.CLIP_GRADIENTS.ENABLED", "False",

@@ -85,7 +85,7 @@ def test_train_checkpoint_resume_eval(tmp_path, data_root):
     assert iteration_of(os.path.join(out, "model_final.pth")) == 3
     final = torch.load(os.path.join(out, "model_final.pth"), map_location="cpu", weights_only=False)
     assert {"model", "trainer", "iteration"} <= set(final)
-    # The optimizer state (SGD momentum) is checkpointed, so a resumed run continues exactly.
+    # The optimizer state (momentum / moments) is checkpointed: a resumed run continues exactly.
     assert final["trainer"]["_trainer"]["optimizer"]["state"]
 
     # --resume continues after the last checkpoint: iteration 4, with its weights.
@@ -101,8 +101,10 @@ def test_train_checkpoint_resume_eval(tmp_path, data_root):
     momentum = final["trainer"]["_trainer"]["optimizer"]["state"]
     loaded = trainer.optimizer.state_dict()["state"]
     assert set(loaded) == set(momentum)
-    for i in momentum:
-        torch.testing.assert_close(loaded[i]["momentum_buffer"], momentum[i]["momentum_buffer"])
+    for i in momentum:  # every optimizer state tensor (SGD momentum, AdamW moments)
+        assert set(loaded[i]) == set(momentum[i])
+        for name, value in momentum[i].items():
+            torch.testing.assert_close(loaded[i][name], value, msg=f"{i}.{name}")
     del trainer
     # ... and through train_net's main: the new final checkpoint is iteration 5.
     run(["--resume", "--config-file", DEMO_YAML] + tiny_opts(data_root, out, max_iter=6))
@@ -198,6 +200,9 @@ def test_two_step(tmp_path, data_root):
         "SOLVER.TWO_STEP.STEP1_BASE_LR", "0.01",
         # Step 2 with lr 0: its final weights must be step 1's wherever step 1 had them.
         "SOLVER.BASE_LR", "0.0",
+        # GroupNorm: the demo's BatchNorm would update its running statistics (buffers)
+        # in step 2 even at lr 0.
+        "MODEL.RESNETS.NORM", "GN",
     ]
     res = run(["--two-step", "--config-file", DEMO_YAML] + opts)
     check_bbox_metrics({"harnet_shapes_val": res})

@@ -4,6 +4,7 @@ schedule and optimizer, for ``train_net.py --config-file <this> key=value ...``.
 It starts from the R-50 LazyConfig (../har_R_50_FPN_1x.py) and applies the demo's
 changes; see the yaml for why each one is made.
 """
+import torch
 from detectron2.config import LazyCall as L
 from detectron2.data import transforms as T
 from detectron2.layers import ShapeSpec
@@ -11,10 +12,10 @@ from detectron2.solver import WarmupParamScheduler
 from fvcore.common.param_scheduler import MultiStepParamScheduler
 
 from harnet.data import register_shapes
-from harnet.data.loaders import build_harnet_test_loader  # noqa: F401  (the yacs twin's loader)
 from harnet.data.mapper import HARNetDatasetMapper
+from harnet.solver import get_optimizer_params
 
-from ..har_R_50_FPN_1x import dataloader, lr_multiplier, model, optimizer, train
+from ..har_R_50_FPN_1x import dataloader, model, train
 
 # --- data: the built-in shapes dataset at the demo's size (same as DATASETS.SHAPES in
 # the yaml); registering replaces the default-sized "harnet_shapes_*" of `import harnet`.
@@ -27,24 +28,24 @@ dataloader.train.dataset.names = "harnet_shapes_train"
 dataloader.train.mapper._target_ = HARNetDatasetMapper
 dataloader.train.mapper.num_classes = 6
 dataloader.train.mapper.augmentations = [
-    L(T.ResizeShortestEdge)(short_edge_length=(128, 144), sample_style="choice", max_size=176),
+    L(T.ResizeShortestEdge)(short_edge_length=(128,), sample_style="choice", max_size=160),
     L(T.RandomFlip)(horizontal=True),
 ]
 dataloader.train.mapper.use_instance_mask = False
-dataloader.train.total_batch_size = 8
+dataloader.train.total_batch_size = 4
 dataloader.train.num_workers = 1
 dataloader.test.dataset.names = "harnet_shapes_val"
 dataloader.test.mapper._target_ = HARNetDatasetMapper
 dataloader.test.mapper.augmentations = [
-    L(T.ResizeShortestEdge)(short_edge_length=128, max_size=176),
+    L(T.ResizeShortestEdge)(short_edge_length=128, max_size=160),
 ]
 dataloader.test.num_workers = 1
 
-# --- model: ResNet-18 with GroupNorm from scratch, 64-channel FPN and towers.
+# --- model: ResNet-18 with BatchNorm from scratch, 64-channel FPN and towers.
 _resnet = model.backbone.bottom_up.resnet
-_resnet.stem.norm = "GN"
+_resnet.stem.norm = "BN"
 _resnet.stages.depth = 18
-_resnet.stages.norm = "GN"
+_resnet.stages.norm = "BN"
 del _resnet.stages.stride_in_1x1  # BasicBlock has no such option
 _resnet.freeze_at = 0
 _aligned = dict(mid_channels=64, norm_groups=16)
@@ -62,19 +63,24 @@ model.anchor_generator.sizes = [[12, 17], [24, 34], [48, 68], [96, 136], [192, 2
 model.smooth_l1_beta = 0.1
 model.pixel_std = [57.375, 57.120, 58.395]
 
-# --- schedule: as SOLVER in the yaml.
-optimizer.lr = 0.02
+# --- schedule: as SOLVER in the yaml (AdamW on HARNet's parameter groups; the yaml's
+# gradient clipping has no LazyConfig counterpart in Detectron2's training loop).
+optimizer = L(torch.optim.AdamW)(
+    params=L(get_optimizer_params)(base_lr="${..lr}", weight_decay_norm=0.0),
+    lr=0.001,
+    weight_decay=0.0001,
+)
 lr_multiplier = L(WarmupParamScheduler)(
-    scheduler=L(MultiStepParamScheduler)(values=[1.0, 0.1, 0.01], milestones=[450, 550, 600]),
-    warmup_length=100 / 600,
+    scheduler=L(MultiStepParamScheduler)(values=[1.0, 0.1, 0.01], milestones=[700, 850, 900]),
+    warmup_length=100 / 900,
     warmup_method="linear",
     warmup_factor=0.01,
 )
-train.max_iter = 600
+train.max_iter = 900
 train.init_checkpoint = ""
 train.device = "cpu"
 train.output_dir = "./output/demo_lazy"
-train.checkpointer.period = 200
+train.checkpointer.period = 300
 train.eval_period = 0
 train.log_period = 20
 train.seed = 0

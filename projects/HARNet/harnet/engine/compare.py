@@ -1,0 +1,283 @@
+"""Train and evaluate several variants of one config under the same schedule, over several
+seeds, and tabulate their COCO box AP: e.g. HAR-Net against the all-off baseline
+(Detectron2's RetinaNet) on the built-in dataset. Used by ``tools/compare_variants.py``.
+
+Each run is ``train_net.py --resume --config-file CFG OUTPUT_DIR <out>/<variant>/seed<N>
+SEED N <variant overrides> <common overrides>`` in a fresh process, so a run is exactly
+what a user gets from the command line; only the variant's overrides and the seed differ
+between runs. A run whose results exist (``results.json`` in its folder) is reused, an
+interrupted one resumes from its last checkpoint.
+
+The AP of one run is the evaluation that training ends with (Detectron2's ``EvalHook``,
+also written to ``metrics.json``), so every variant is evaluated by the same
+``COCOEvaluator`` on the same test set.
+"""
+import argparse
+import json
+import math
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+__all__ = [
+    "DEFAULT_VARIANTS",
+    "METRICS",
+    "parse_variant",
+    "run_command",
+    "read_final_metrics",
+    "summarize",
+    "format_table",
+    "main",
+]
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))))
+DEMO_CONFIG = os.path.join("configs", "HARNet", "demo", "har_R18_shapes_demo.yaml")
+METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+ALL_OFF = [f"MODEL.HARNET.{k}.ENABLED=False" for k in ("ALIGN", "CLGN", "SPATIAL", "CHANNEL")]
+# The config as it is (the full hybrid), and all four switches off: Detectron2's RetinaNet.
+DEFAULT_VARIANTS = ["HAR-Net", "RetinaNet (all off)@" + "@".join(ALL_OFF)]
+RESULTS_FILE = "results.json"
+
+
+def parse_variant(entry: str) -> Tuple[str, List[str]]:
+    """``LABEL[@KEY=VALUE]...`` -> (label, [KEY, VALUE, ...]) (yacs override list)."""
+    label, *overrides = entry.split("@")
+    if not label.strip():
+        raise ValueError(f"variant {entry!r}: empty label (use LABEL[@KEY=VALUE]...)")
+    opts = []
+    for o in overrides:
+        key, sep, value = o.partition("=")
+        if not sep or not key:
+            raise ValueError(f"variant {entry!r}: override {o!r} is not KEY=VALUE")
+        opts += [key, value]
+    return label.strip(), opts
+
+
+def _slug(label: str) -> str:
+    keep = "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
+    return "_".join(p for p in keep.split("_") if p) or "variant"
+
+
+def run_command(config_file: str, out_dir: str, seed: int, variant_opts: Sequence[str],
+                common_opts: Sequence[str], python: str = sys.executable) -> List[str]:
+    """The ``train_net.py`` command line of one run (variant overrides after the common
+    ones, so a variant's switches win)."""
+    return [python, os.path.join(REPO, "train_net.py"), "--resume", "--config-file", config_file,
+            *common_opts, *variant_opts, "OUTPUT_DIR", out_dir, "SEED", str(seed)]
+
+
+def read_final_metrics(out_dir: str) -> Dict[str, object]:
+    """The last evaluation and the training speed of a finished run, from its
+    ``metrics.json`` (Detectron2's ``JSONWriter``).
+
+    Returns:
+        dict: ``bbox`` (metric name -> value, COCO AP in %; NaN for an area range without
+        ground truth), ``iteration`` (of that evaluation), ``time`` (median seconds per
+        training iteration over the logged windows; None if never logged).
+    """
+    path = os.path.join(out_dir, "metrics.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist: the run in {out_dir} did not train")
+    rows = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}, line {n}: not JSON ({e})") from e
+    evals = [r for r in rows if "bbox/AP" in r]
+    if not evals:
+        raise ValueError(f"{path} has no evaluation (bbox/AP): is DATASETS.TEST empty?")
+    last = evals[-1]
+    bbox = {k[len("bbox/"):]: float(v) for k, v in last.items() if k.startswith("bbox/")}
+    times = [r["time"] for r in rows if "time" in r]
+    return {"bbox": bbox, "iteration": last["iteration"],
+            "time": statistics.median(times) if times else None}
+
+
+def _mean_std(values: Sequence[float]) -> Tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value) of the finite values; NaN when
+    none is finite (e.g. APl on a test set without large objects)."""
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return math.nan, math.nan
+    return statistics.fmean(finite), (statistics.stdev(finite) if len(finite) > 1 else 0.0)
+
+
+def summarize(results: Dict[str, Dict[int, Dict[str, float]]], baseline: Optional[str] = None):
+    """Per-variant mean and standard deviation over seeds, and the paired difference to the
+    baseline (per seed, then averaged: the seeds share data and schedule).
+
+    Args:
+        results: variant label -> seed -> metric name -> value.
+        baseline: label of the variant the others are compared to (None: no differences).
+
+    Returns:
+        dict: label -> {"n": seeds, metric: (mean, std), "diff": {metric: (mean, std)}}.
+    """
+    out = {}
+    for label, by_seed in results.items():
+        row = {"n": len(by_seed)}
+        for m in METRICS:
+            row[m] = _mean_std([by_seed[s].get(m, math.nan) for s in sorted(by_seed)])
+        if baseline is not None and label != baseline and baseline in results:
+            common = sorted(set(by_seed) & set(results[baseline]))
+            row["diff"] = {m: _mean_std([by_seed[s].get(m, math.nan)
+                                         - results[baseline][s].get(m, math.nan) for s in common])
+                           for m in METRICS}
+            row["diff_n"] = len(common)
+        out[label] = row
+    return out
+
+
+def _cell(mean_std, signed=False):
+    mean, std = mean_std
+    if not math.isfinite(mean):
+        return "-"
+    fmt = "{:+.2f}" if signed else "{:.2f}"
+    return fmt.format(mean) + (f" ± {std:.2f}" if std > 0 else "")
+
+
+def format_table(summary, results, baseline=None, seconds=None) -> str:
+    """A markdown table: COCO box AP (%) per variant (mean ± std over seeds), the AP of
+    each seed, training s/iter, and the difference to the baseline."""
+    head = ["variant", "seeds"] + list(METRICS) + ["AP per seed"]
+    if seconds:
+        head.append("s/iter")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, row in summary.items():
+        per_seed = ", ".join(f"{results[label][s]['AP']:.2f}" for s in sorted(results[label]))
+        cells = [label, str(row["n"])] + [_cell(row[m]) for m in METRICS] + [per_seed]
+        if seconds:
+            cells.append(f"{seconds[label]:.3f}" if seconds.get(label) else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    for label, row in summary.items():
+        if "diff" in row:
+            cells = [f"{label} − {baseline}", str(row["diff_n"])]
+            cells += [_cell(row["diff"][m], signed=True) for m in METRICS] + [""]
+            if seconds:
+                s, b = seconds.get(label), seconds.get(baseline)
+                cells.append(f"x{s / b:.2f}" if s and b else "-")
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def argument_parser():
+    p = argparse.ArgumentParser(
+        prog="tools/compare_variants.py",
+        description="Train and evaluate config variants under the same schedule over several "
+        "seeds; print their COCO box AP (mean ± std) and the difference to a baseline.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config-file", default=DEMO_CONFIG, help="yacs config (default: the CPU demo)")
+    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS,
+                   metavar="LABEL[@KEY=VALUE]",
+                   help="variants of the config (default: the config as is, 'HAR-Net', and "
+                   "'RetinaNet (all off)' with the four MODEL.HARNET.*.ENABLED False)")
+    p.add_argument("--baseline", default=None,
+                   help="label of the variant to compare against (default: the last variant)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="cfg.SEED of the runs")
+    p.add_argument("--output", default=os.path.join("output", "compare"),
+                   help="runs go to OUTPUT/<variant>/seed<N>; summary.md and summary.json here")
+    p.add_argument("--force", action="store_true", help="retrain runs whose results exist")
+    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    p.add_argument("opts", nargs=argparse.REMAINDER,
+                   help="KEY VALUE overrides for every variant (e.g. SOLVER.MAX_ITER 300)")
+    return p
+
+
+def _train(cmd, out_dir, log):
+    """Run one training command (its output shown, with Detectron2's ETA lines) and store
+    its results in ``out_dir/results.json``."""
+    log(" ".join(shlex.quote(c) for c in cmd))
+    start = time.time()
+    rc = subprocess.call(cmd, cwd=REPO)
+    if rc != 0:
+        raise RuntimeError(f"training in {out_dir} failed with exit code {rc}: {shlex.join(cmd)}")
+    res = read_final_metrics(out_dir)
+    res["wall_s"] = time.time() - start
+    res["command"] = cmd
+    with open(os.path.join(out_dir, RESULTS_FILE), "w") as f:
+        json.dump(res, f, indent=1)
+    return res
+
+
+def main(argv=None) -> int:
+    args = argument_parser().parse_args(argv)
+    if args.config_file.endswith(".py"):
+        raise SystemExit("compare_variants takes yacs (.yaml) configs; variants are KEY=VALUE overrides")
+    if not os.path.isfile(os.path.join(REPO, args.config_file)) and not os.path.isfile(args.config_file):
+        raise SystemExit(f"--config-file {args.config_file!r} does not exist")
+    if len(args.opts) % 2:
+        raise SystemExit(f"overrides must be KEY VALUE pairs, got {args.opts}")
+    variants = [parse_variant(v) for v in args.variants]
+    labels = [label for label, _ in variants]
+    if len(set(labels)) != len(labels):
+        raise SystemExit(f"variant labels must differ: {labels}")
+    baseline = args.baseline or labels[-1]
+    if baseline not in labels:
+        raise SystemExit(f"--baseline {baseline!r} is none of the variants {labels}")
+    config = os.path.abspath(args.config_file) if os.path.isfile(args.config_file) else \
+        os.path.join(REPO, args.config_file)
+    output = os.path.abspath(args.output)
+    log = lambda msg: print(f"[compare] {msg}", flush=True)  # noqa: E731
+
+    # Seed-major order: after each seed every variant has a result to compare.
+    plan = [(label, opts, seed) for seed in args.seeds for label, opts in variants]
+    results, seconds = {label: {} for label in labels}, {label: [] for label in labels}
+    for k, (label, opts, seed) in enumerate(plan, 1):
+        out_dir = os.path.join(output, _slug(label), f"seed{seed}")
+        cmd = run_command(config, out_dir, seed, opts, args.opts)
+        done = os.path.join(out_dir, RESULTS_FILE)
+        log(f"run {k}/{len(plan)}: {label}, seed {seed} -> {out_dir}")
+        if args.dry_run:
+            log(shlex.join(cmd))
+            continue
+        if os.path.isfile(done) and not args.force:
+            with open(done) as f:
+                res = json.load(f)
+            log(f"reusing {done}")
+        else:
+            os.makedirs(out_dir, exist_ok=True)
+            res = _train(cmd, out_dir, log)
+        results[label][seed] = res["bbox"]
+        if res.get("time"):
+            seconds[label].append(res["time"])
+        log(f"{label}, seed {seed}: " + ", ".join(f"{m} {res['bbox'][m]:.2f}" for m in METRICS))
+    if args.dry_run:
+        return 0
+    summary = summarize(results, baseline=baseline)
+    secs = {label: statistics.median(v) if v else None for label, v in seconds.items()}
+    table = format_table(summary, results, baseline=baseline, seconds=secs)
+    reproduce = shlex.join(["python", "tools/compare_variants.py"] + (argv if argv is not None else sys.argv[1:]))
+    text = (f"COCO box AP (%) on {', '.join(_test_sets(config, args.opts))}, config "
+            f"`{os.path.relpath(config, REPO)}`, seeds {args.seeds}; mean ± sample std over "
+            f"seeds; differences paired by seed.\n\n{table}\n\n```bash\n{reproduce}\n```\n")
+    print("\n" + text)
+    os.makedirs(output, exist_ok=True)
+    with open(os.path.join(output, "summary.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(output, "summary.json"), "w") as f:
+        json.dump({"config": config, "seeds": args.seeds, "baseline": baseline,
+                   "variants": dict(variants), "results": results, "summary": summary,
+                   "seconds_per_iter": secs}, f, indent=1)
+    log(f"summary written to {os.path.join(output, 'summary.md')}")
+    return 0
+
+
+def _test_sets(config, opts):
+    from detectron2.config import get_cfg
+
+    from ..config import add_harnet_config
+
+    cfg = get_cfg()
+    add_harnet_config(cfg)
+    cfg.merge_from_file(config)
+    cfg.merge_from_list(list(opts))
+    return list(cfg.DATASETS.TEST)

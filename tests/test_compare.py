@@ -1,0 +1,159 @@
+"""tools/compare_variants.py (harnet.engine.compare): variants of one config trained under
+the same schedule over seeds, their COCO AP tabulated against a baseline."""
+import glob
+import json
+import math
+import os
+import subprocess
+
+import numpy as np
+import pytest
+
+from harnet.engine import compare
+from test_train import DEMO_YAML, tiny_opts
+
+
+def test_parse_variant():
+    assert compare.parse_variant("HAR-Net") == ("HAR-Net", [])
+    assert compare.parse_variant("off@MODEL.HARNET.CLGN.ENABLED=False@SOLVER.STEPS=(1, 2)") == (
+        "off", ["MODEL.HARNET.CLGN.ENABLED", "False", "SOLVER.STEPS", "(1, 2)"])
+    with pytest.raises(ValueError, match="not KEY=VALUE"):
+        compare.parse_variant("x@MODEL.HARNET.CLGN.ENABLED")
+    with pytest.raises(ValueError, match="empty label"):
+        compare.parse_variant("@A=1")
+
+
+def test_default_variants_are_full_and_all_off():
+    (full, full_opts), (base, base_opts) = map(compare.parse_variant, compare.DEFAULT_VARIANTS)
+    assert full_opts == []
+    assert dict(zip(base_opts[::2], base_opts[1::2])) == {
+        f"MODEL.HARNET.{k}.ENABLED": "False" for k in ("ALIGN", "CLGN", "SPATIAL", "CHANNEL")}
+
+
+def test_summarize_against_numpy():
+    rng = np.random.RandomState(0)
+    results = {
+        name: {seed: {m: float(rng.uniform(0, 50)) for m in compare.METRICS} for seed in (0, 1, 2)}
+        for name in ("a", "base")
+    }
+    results["a"][1]["APl"] = math.nan  # an area range without ground truth in one run
+    s = compare.summarize(results, baseline="base")
+    for name in results:
+        for m in compare.METRICS:
+            values = np.array([results[name][k][m] for k in (0, 1, 2)])
+            values = values[np.isfinite(values)]
+            mean, std = s[name][m]
+            assert mean == pytest.approx(values.mean())
+            assert std == pytest.approx(values.std(ddof=1))
+    assert "diff" not in s["base"]
+    for m in compare.METRICS:
+        d = np.array([results["a"][k][m] - results["base"][k][m] for k in (0, 1, 2)])
+        d = d[np.isfinite(d)]
+        assert s["a"]["diff"][m] == pytest.approx((d.mean(), d.std(ddof=1)))
+    # Only the seeds both variants have are paired.
+    del results["base"][2]
+    s = compare.summarize(results, baseline="base")
+    assert s["a"]["diff_n"] == 2
+    assert s["a"]["diff"]["AP"][0] == pytest.approx(
+        np.mean([results["a"][k]["AP"] - results["base"][k]["AP"] for k in (0, 1)]))
+    # One seed: std 0; no finite value: NaN.
+    one = compare.summarize({"x": {0: {"AP": 3.0, "APl": math.nan}}})
+    assert one["x"]["AP"] == (3.0, 0.0) and all(map(math.isnan, one["x"]["APl"]))
+
+
+def test_format_table():
+    results = {"full": {0: {m: 10.0 for m in compare.METRICS}, 1: {m: 12.0 for m in compare.METRICS}},
+               "base": {0: {m: 8.0 for m in compare.METRICS}, 1: {m: 9.0 for m in compare.METRICS}}}
+    results["full"][0]["APl"] = results["full"][1]["APl"] = math.nan
+    s = compare.summarize(results, baseline="base")
+    table = compare.format_table(s, results, baseline="base", seconds={"full": 0.3, "base": 0.2})
+    lines = table.splitlines()
+    assert lines[0].startswith("| variant | seeds | AP | AP50")
+    assert "| full | 2 | 11.00 ± 1.41 |" in lines[2] and "| 10.00, 12.00 | 0.300 |" in lines[2]
+    assert " - |" in lines[2]  # APl: no finite value
+    assert lines[4].startswith("| full − base | 2 | +2.50 ± 0.71 |") and lines[4].endswith("x1.50 |")
+
+
+def test_read_final_metrics(tmp_path):
+    with pytest.raises(FileNotFoundError, match="did not train"):
+        compare.read_final_metrics(str(tmp_path))
+    rows = [{"iteration": 19, "time": 0.5, "total_loss": 1.0},
+            {"iteration": 39, "time": 0.3, "total_loss": 0.9},
+            {"iteration": 39, "bbox/AP": 1.0, "bbox/APs": float("nan")},
+            {"iteration": 59, "time": 0.4, "total_loss": 0.8},
+            {"iteration": 59, "bbox/AP": 2.5, "bbox/APs": 1.5, "bbox/AP-circle": 4.0}]
+    with open(tmp_path / "metrics.json", "w") as f:
+        f.write("\n".join(json.dumps(r) for r in rows[:3]) + "\n")
+    assert compare.read_final_metrics(str(tmp_path))["iteration"] == 39
+    assert math.isnan(compare.read_final_metrics(str(tmp_path))["bbox"]["APs"])
+    with open(tmp_path / "metrics.json", "w") as f:
+        f.write("\n".join(json.dumps(r) for r in rows) + "\n")
+    res = compare.read_final_metrics(str(tmp_path))
+    assert res == {"bbox": {"AP": 2.5, "APs": 1.5, "AP-circle": 4.0}, "iteration": 59, "time": 0.4}
+    with open(tmp_path / "metrics.json", "w") as f:
+        f.write(json.dumps(rows[0]) + "\n")
+    with pytest.raises(ValueError, match="no evaluation"):
+        compare.read_final_metrics(str(tmp_path))
+    with open(tmp_path / "metrics.json", "w") as f:
+        f.write(json.dumps(rows[0]) + "\n{broken\n")
+    with pytest.raises(ValueError, match="line 2"):
+        compare.read_final_metrics(str(tmp_path))
+
+
+def test_bad_arguments_are_named(tmp_path):
+    with pytest.raises(SystemExit, match="does not exist"):
+        compare.main(["--config-file", str(tmp_path / "nope.yaml")])
+    with pytest.raises(SystemExit, match="--baseline 'x'"):
+        compare.main(["--config-file", DEMO_YAML, "--baseline", "x", "--dry-run"])
+    with pytest.raises(SystemExit, match="labels must differ"):
+        compare.main(["--config-file", DEMO_YAML, "--variants", "a", "a@SEED=1", "--dry-run"])
+
+
+@pytest.mark.slow
+def test_compare_runs_train_net_and_matches_pycocotools(tmp_path, monkeypatch):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    data, out = str(tmp_path / "data"), str(tmp_path / "cmp")
+    # Common overrides: the demo shrunk to a few iterations (OUTPUT_DIR is set per run).
+    opts = tiny_opts(data, "unused", max_iter=3)
+    argv = ["--config-file", DEMO_YAML, "--seeds", "5", "--output", out] + opts
+    assert compare.main(argv) == 0
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["baseline"] == "RetinaNet (all off)"
+    runs = {"HAR-Net": os.path.join(out, "HAR-Net", "seed5"),
+            "RetinaNet (all off)": os.path.join(out, "RetinaNet_all_off", "seed5")}
+    for label, run_dir in runs.items():
+        # The run's own config: the seed, the common overrides and the variant's switches.
+        with open(os.path.join(run_dir, "config.yaml")) as f:
+            text = f.read()
+        assert "SEED: 5" in text and "MAX_ITER: 3" in text
+        assert text.count("ENABLED: false") >= (4 if label != "HAR-Net" else 0)
+        # The AP read back is what pycocotools computes from the run's detections.
+        (val,) = glob.glob(os.path.join(data, "shapes_seed1_n3_*", "annotations.json"))
+        gt = COCO(val)
+        dt = gt.loadRes(os.path.join(run_dir, "inference", "coco_instances_results.json"))
+        ev = COCOeval(gt, dt, "bbox")
+        ev.evaluate(), ev.accumulate(), ev.summarize()
+        ap = summary["results"][label]["5"]
+        assert ap["AP"] == pytest.approx(ev.stats[0] * 100, abs=1e-6)
+        assert ap["APs"] == pytest.approx(ev.stats[3] * 100, abs=1e-6) or (
+            math.isnan(ap["APs"]) and ev.stats[3] < 0)
+    # The all-off run is Detectron2's RetinaNet: no attention parameters in its checkpoint.
+    import torch
+
+    base = torch.load(os.path.join(runs["RetinaNet (all off)"], "model_final.pth"), weights_only=True)
+    full = torch.load(os.path.join(runs["HAR-Net"], "model_final.pth"), weights_only=True)
+    assert len(full["model"]) > len(base["model"])
+    assert not [k for k in base["model"] if "spatial" in k or "refiner" in k]
+    with open(os.path.join(out, "summary.md")) as f:
+        md = f.read()
+    assert "| HAR-Net − RetinaNet (all off) | 1 |" in md and "tools/compare_variants.py" in md
+
+    # A second call reuses the finished runs: no training process is started.
+    def no_training(*a, **k):
+        raise AssertionError(f"trained again: {a}")
+
+    monkeypatch.setattr(subprocess, "call", no_training)
+    assert compare.main(argv) == 0
+    assert json.load(open(os.path.join(out, "summary.json")))["results"] == summary["results"]

@@ -109,36 +109,65 @@ def test_bad_arguments_are_named(tmp_path):
         compare.main(["--config-file", DEMO_YAML, "--variants", "a", "a@SEED=1", "--dry-run"])
 
 
-@pytest.mark.slow
-def test_compare_runs_train_net_and_matches_pycocotools(tmp_path, monkeypatch):
+def evaluate_with_pycocotools(annotations, detections):
+    """COCO box AP (%) of a detections file, by pycocotools itself."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
+    gt = COCO(annotations)
+    ev = COCOeval(gt, gt.loadRes(detections), "bbox")
+    ev.evaluate(), ev.accumulate(), ev.summarize()
+    return dict(zip(compare.METRICS, (100 * s if s >= 0 else math.nan for s in ev.stats[:6])))
+
+
+def assert_same_metrics(ours, reference):
+    for m in compare.METRICS:
+        if math.isnan(reference[m]):
+            assert math.isnan(ours[m]), (m, ours[m])
+        else:
+            assert ours[m] == pytest.approx(reference[m], abs=1e-6), m
+
+
+@pytest.mark.slow
+def test_compare_runs_train_net_and_matches_pycocotools(tmp_path, monkeypatch):
     data, out = str(tmp_path / "data"), str(tmp_path / "cmp")
     # Common overrides: the demo shrunk to a few iterations (OUTPUT_DIR is set per run).
     opts = tiny_opts(data, "unused", max_iter=3)
-    argv = ["--config-file", DEMO_YAML, "--seeds", "5", "--output", out] + opts
+    # An extra evaluation: a test set at twice the resolution (objects up to 80 px), resized
+    # to the training scale (INPUT.MIN_SIZE_TEST 64 of tiny_opts).
+    double = "2x@DATASETS.SHAPES.IMAGE_SIZE=(128, 128)@DATASETS.SHAPES.OBJECT_SIZE=(16.0, 80.0)"
+    argv = ["--config-file", DEMO_YAML, "--seeds", "5", "--output", out,
+            "--extra-evals", double, "--"] + opts
     assert compare.main(argv) == 0
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert summary["baseline"] == "RetinaNet (all off)"
+    assert summary["test_set"] == "harnet_shapes_val" and set(summary["results"]) == {
+        "harnet_shapes_val", "2x"}
     runs = {"HAR-Net": os.path.join(out, "HAR-Net", "seed5"),
             "RetinaNet (all off)": os.path.join(out, "RetinaNet_all_off", "seed5")}
+    # The two val sets (1x and 2x), told apart by their image size.
+    val_sets = {json.load(open(p))["images"][0]["width"]: p
+                for p in glob.glob(os.path.join(data, "shapes_seed1_n3_*", "annotations.json"))}
+    val, val2x = val_sets[64], val_sets[128]
     for label, run_dir in runs.items():
         # The run's own config: the seed, the common overrides and the variant's switches.
         with open(os.path.join(run_dir, "config.yaml")) as f:
             text = f.read()
         assert "SEED: 5" in text and "MAX_ITER: 3" in text
         assert text.count("ENABLED: false") >= (4 if label != "HAR-Net" else 0)
-        # The AP read back is what pycocotools computes from the run's detections.
-        (val,) = glob.glob(os.path.join(data, "shapes_seed1_n3_*", "annotations.json"))
-        gt = COCO(val)
-        dt = gt.loadRes(os.path.join(run_dir, "inference", "coco_instances_results.json"))
-        ev = COCOeval(gt, dt, "bbox")
-        ev.evaluate(), ev.accumulate(), ev.summarize()
-        ap = summary["results"][label]["5"]
-        assert ap["AP"] == pytest.approx(ev.stats[0] * 100, abs=1e-6)
-        assert ap["APs"] == pytest.approx(ev.stats[3] * 100, abs=1e-6) or (
-            math.isnan(ap["APs"]) and ev.stats[3] < 0)
+        # The AP read back is what pycocotools computes from the run's detections, for the
+        # training's own evaluation and for the extra one (on its own, larger images).
+        assert_same_metrics(summary["results"]["harnet_shapes_val"][label]["5"],
+                            evaluate_with_pycocotools(val, os.path.join(
+                                run_dir, "inference", "coco_instances_results.json")))
+        eval_dir = os.path.join(run_dir, "eval", "2x")
+        with open(os.path.join(eval_dir, "config.yaml")) as f:
+            assert "IMAGE_SIZE:\n    - 128\n    - 128" in f.read()
+        assert_same_metrics(summary["results"]["2x"][label]["5"], evaluate_with_pycocotools(
+            val2x, os.path.join(eval_dir, "inference", "coco_instances_results.json")))
+    with open(os.path.join(eval_dir, "inference", "coco_instances_results.json")) as f:
+        # Boxes in the 128-px images' coordinates (the network saw them resized to 64 px).
+        assert 64 < max(d["bbox"][0] + d["bbox"][2] for d in json.load(f)) <= 128
     # The all-off run is Detectron2's RetinaNet: no attention parameters in its checkpoint.
     import torch
 
@@ -148,12 +177,12 @@ def test_compare_runs_train_net_and_matches_pycocotools(tmp_path, monkeypatch):
     assert not [k for k in base["model"] if "spatial" in k or "refiner" in k]
     with open(os.path.join(out, "summary.md")) as f:
         md = f.read()
-    assert "| HAR-Net − RetinaNet (all off) | 1 |" in md and "tools/compare_variants.py" in md
+    assert md.count("| HAR-Net − RetinaNet (all off) | 1 |") == 2 and "tools/compare_variants.py" in md
 
-    # A second call reuses the finished runs: no training process is started.
-    def no_training(*a, **k):
-        raise AssertionError(f"trained again: {a}")
+    # A second call reuses the finished runs and evaluations: no process is started.
+    def no_process(*a, **k):
+        raise AssertionError(f"ran again: {a}")
 
-    monkeypatch.setattr(subprocess, "call", no_training)
+    monkeypatch.setattr(subprocess, "call", no_process)
     assert compare.main(argv) == 0
     assert json.load(open(os.path.join(out, "summary.json")))["results"] == summary["results"]

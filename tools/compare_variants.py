@@ -5,7 +5,7 @@ paired difference to a baseline. Default: the CPU demo config, HAR-Net against t
 baseline (Detectron2's RetinaNet), seeds 0 1 2.
 
     python tools/compare_variants.py                          # output/compare/summary.md
-    python tools/compare_variants.py --seeds 0 SOLVER.MAX_ITER 300
+    python tools/compare_variants.py --seeds 0 -- SOLVER.MAX_ITER 300   # '--' ends --seeds
     python tools/compare_variants.py --config-file configs/HARNet/demo/har_R18_shapes_demo.yaml \\
         --variants "HAR-Net" "spatial off@MODEL.HARNET.SPATIAL.ENABLED=False" \\
         "RetinaNet@MODEL.HARNET.ALIGN.ENABLED=False@MODEL.HARNET.CLGN.ENABLED=False@MODEL.HARNET.SPATIAL.ENABLED=False@MODEL.HARNET.CHANNEL.ENABLED=False"

@@ -10,18 +10,24 @@ interrupted one resumes from its last checkpoint.
 
 The AP of one run is the evaluation that training ends with (Detectron2's ``EvalHook``,
 also written to ``metrics.json``), so every variant is evaluated by the same
-``COCOEvaluator`` on the same test set.
+``COCOEvaluator`` on the same test set. ``--extra-evals LABEL@KEY=VALUE...`` evaluates every
+trained model again (``train_net.py --eval-only`` with those overrides, results read from
+its ``eval_results.json``), e.g. on another test set or at another test size: one more
+table each.
 """
 import argparse
 import json
 import math
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
+
+from .defaults import EVAL_RESULTS_FILE
 
 __all__ = [
     "DEFAULT_VARIANTS",
@@ -93,6 +99,9 @@ def read_final_metrics(out_dir: str) -> Dict[str, object]:
                     raise ValueError(f"{path}, line {n}: not JSON ({e})") from e
     evals = [r for r in rows if "bbox/AP" in r]
     if not evals:
+        if any(k.endswith("/bbox/AP") for r in rows for k in r):
+            raise ValueError(f"{path}: evaluations of several test sets; compare_variants "
+                             "compares one (set DATASETS.TEST to one dataset)")
         raise ValueError(f"{path} has no evaluation (bbox/AP): is DATASETS.TEST empty?")
     last = evals[-1]
     bbox = {k[len("bbox/"):]: float(v) for k, v in last.items() if k.startswith("bbox/")}
@@ -183,33 +192,72 @@ def argument_parser():
     p.add_argument("--baseline", default=None,
                    help="label of the variant to compare against (default: the last variant)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="cfg.SEED of the runs")
+    p.add_argument("--extra-evals", nargs="+", default=[], metavar="LABEL[@KEY=VALUE]",
+                   help="also evaluate every trained model (train_net.py --eval-only) with these "
+                   "overrides, e.g. another test set or test size; one table each")
     p.add_argument("--output", default=os.path.join("output", "compare"),
                    help="runs go to OUTPUT/<variant>/seed<N>; summary.md and summary.json here")
-    p.add_argument("--force", action="store_true", help="retrain runs whose results exist")
+    p.add_argument("--force", action="store_true",
+                   help="delete the runs' folders and train them again")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     p.add_argument("opts", nargs=argparse.REMAINDER,
-                   help="KEY VALUE overrides for every variant (e.g. SOLVER.MAX_ITER 300)")
+                   help="KEY VALUE overrides for every variant (e.g. SOLVER.MAX_ITER 300); after "
+                   "'--' when they follow --variants, --seeds or --extra-evals")
     return p
 
 
-def _train(cmd, out_dir, log):
-    """Run one training command (its output shown, with Detectron2's ETA lines) and store
-    its results in ``out_dir/results.json``."""
-    log(" ".join(shlex.quote(c) for c in cmd))
-    start = time.time()
+def _call(cmd, what, log):
+    log(shlex.join(cmd))
     rc = subprocess.call(cmd, cwd=REPO)
     if rc != 0:
-        raise RuntimeError(f"training in {out_dir} failed with exit code {rc}: {shlex.join(cmd)}")
-    res = read_final_metrics(out_dir)
-    res["wall_s"] = time.time() - start
-    res["command"] = cmd
-    with open(os.path.join(out_dir, RESULTS_FILE), "w") as f:
+        raise RuntimeError(f"{what} failed with exit code {rc}: {shlex.join(cmd)}")
+
+
+def _single_dataset(results, path):
+    """The bbox metrics of the only test set in ``--eval-only`` results."""
+    if len(results) != 1:
+        raise ValueError(f"{path}: results of {sorted(results)}; compare_variants evaluates "
+                         "one test set per evaluation (set DATASETS.TEST to one dataset)")
+    (res,) = results.values()
+    return {k: float(v) for k, v in res["bbox"].items()}
+
+
+def _run_one(config, out_dir, seed, opts, args, extra_evals, log):
+    """Train (or reuse) one run and evaluate it with every extra evaluation it lacks;
+    returns its ``results.json`` content."""
+    done = os.path.join(out_dir, RESULTS_FILE)
+    if os.path.isfile(done):
+        with open(done) as f:
+            res = json.load(f)
+        log(f"reusing {done}")
+    else:
+        os.makedirs(out_dir, exist_ok=True)
+        cmd = run_command(config, out_dir, seed, opts, args.opts)
+        start = time.time()
+        _call(cmd, f"training in {out_dir}", log)
+        res = read_final_metrics(out_dir)
+        res.update(wall_s=time.time() - start, command=cmd, evals={})
+    for label, eval_opts in extra_evals:
+        if label in res.get("evals", {}):
+            continue
+        eval_dir = os.path.join(out_dir, "eval", _slug(label))
+        cmd = run_command(config, eval_dir, seed, opts, args.opts)
+        cmd.insert(2, "--eval-only")
+        cmd += [*eval_opts, "MODEL.WEIGHTS", os.path.join(out_dir, "model_final.pth")]
+        log(f"evaluating {out_dir} ({label})")
+        _call(cmd, f"evaluation '{label}' of {out_dir}", log)
+        path = os.path.join(eval_dir, EVAL_RESULTS_FILE)
+        with open(path) as f:
+            res.setdefault("evals", {})[label] = _single_dataset(json.load(f), path)
+    with open(done, "w") as f:
         json.dump(res, f, indent=1)
     return res
 
 
 def main(argv=None) -> int:
     args = argument_parser().parse_args(argv)
+    if args.opts[:1] == ["--"]:  # "--" ends a several-value option (--seeds 0 1 -- KEY VALUE)
+        args.opts = args.opts[1:]
     if args.config_file.endswith(".py"):
         raise SystemExit("compare_variants takes yacs (.yaml) configs; variants are KEY=VALUE overrides")
     if not os.path.isfile(os.path.join(REPO, args.config_file)) and not os.path.isfile(args.config_file):
@@ -217,6 +265,7 @@ def main(argv=None) -> int:
     if len(args.opts) % 2:
         raise SystemExit(f"overrides must be KEY VALUE pairs, got {args.opts}")
     variants = [parse_variant(v) for v in args.variants]
+    extra_evals = [parse_variant(v) for v in args.extra_evals]
     labels = [label for label, _ in variants]
     if len(set(labels)) != len(labels):
         raise SystemExit(f"variant labels must differ: {labels}")
@@ -227,45 +276,56 @@ def main(argv=None) -> int:
         os.path.join(REPO, args.config_file)
     output = os.path.abspath(args.output)
     log = lambda msg: print(f"[compare] {msg}", flush=True)  # noqa: E731
+    test_set = ", ".join(_test_sets(config, args.opts))
+    evaluations = [test_set] + [label for label, _ in extra_evals]
+    if len(set(evaluations)) != len(evaluations):
+        raise SystemExit(f"evaluation labels must differ from each other and the test set: {evaluations}")
 
     # Seed-major order: after each seed every variant has a result to compare.
     plan = [(label, opts, seed) for seed in args.seeds for label, opts in variants]
-    results, seconds = {label: {} for label in labels}, {label: [] for label in labels}
+    results = {e: {label: {} for label in labels} for e in evaluations}
+    seconds = {label: [] for label in labels}
     for k, (label, opts, seed) in enumerate(plan, 1):
         out_dir = os.path.join(output, _slug(label), f"seed{seed}")
-        cmd = run_command(config, out_dir, seed, opts, args.opts)
-        done = os.path.join(out_dir, RESULTS_FILE)
         log(f"run {k}/{len(plan)}: {label}, seed {seed} -> {out_dir}")
         if args.dry_run:
-            log(shlex.join(cmd))
+            log(shlex.join(run_command(config, out_dir, seed, opts, args.opts)))
             continue
-        if os.path.isfile(done) and not args.force:
-            with open(done) as f:
-                res = json.load(f)
-            log(f"reusing {done}")
-        else:
-            os.makedirs(out_dir, exist_ok=True)
-            res = _train(cmd, out_dir, log)
-        results[label][seed] = res["bbox"]
+        if args.force and os.path.isdir(out_dir):
+            shutil.rmtree(out_dir)
+        res = _run_one(config, out_dir, seed, opts, args, extra_evals, log)
+        results[test_set][label][seed] = res["bbox"]
+        for e, _ in extra_evals:
+            results[e][label][seed] = res["evals"][e]
         if res.get("time"):
             seconds[label].append(res["time"])
-        log(f"{label}, seed {seed}: " + ", ".join(f"{m} {res['bbox'][m]:.2f}" for m in METRICS))
+        for e in evaluations:
+            bbox = results[e][label][seed]
+            log(f"{label}, seed {seed}, {e}: " + ", ".join(f"{m} {bbox[m]:.2f}" for m in METRICS))
     if args.dry_run:
         return 0
-    summary = summarize(results, baseline=baseline)
     secs = {label: statistics.median(v) if v else None for label, v in seconds.items()}
-    table = format_table(summary, results, baseline=baseline, seconds=secs)
     reproduce = shlex.join(["python", "tools/compare_variants.py"] + (argv if argv is not None else sys.argv[1:]))
-    text = (f"COCO box AP (%) on {', '.join(_test_sets(config, args.opts))}, config "
-            f"`{os.path.relpath(config, REPO)}`, seeds {args.seeds}; mean ± sample std over "
-            f"seeds; differences paired by seed.\n\n{table}\n\n```bash\n{reproduce}\n```\n")
+    text = (f"COCO box AP (%), config `{os.path.relpath(config, REPO)}`, seeds {args.seeds}: "
+            "mean ± sample std over seeds; differences paired by seed; s/iter: median training "
+            "time per iteration.\n")
+    summaries = {}
+    for e in evaluations:
+        summaries[e] = summarize(results[e], baseline=baseline)
+        opts = dict(extra_evals).get(e)
+        how = "the evaluation training ends with" if opts is None else \
+            "--eval-only with " + " ".join(opts)
+        text += f"\n**{e}** ({how})\n\n" + format_table(
+            summaries[e], results[e], baseline=baseline, seconds=secs if e == test_set else None) + "\n"
+    text += f"\n```bash\n{reproduce}\n```\n"
     print("\n" + text)
     os.makedirs(output, exist_ok=True)
     with open(os.path.join(output, "summary.md"), "w") as f:
         f.write(text)
     with open(os.path.join(output, "summary.json"), "w") as f:
         json.dump({"config": config, "seeds": args.seeds, "baseline": baseline,
-                   "variants": dict(variants), "results": results, "summary": summary,
+                   "variants": dict(variants), "extra_evals": dict(extra_evals),
+                   "test_set": test_set, "results": results, "summary": summaries,
                    "seconds_per_iter": secs}, f, indent=1)
     log(f"summary written to {os.path.join(output, 'summary.md')}")
     return 0

@@ -11,6 +11,7 @@ from detectron2.config import CfgNode, LazyConfig, get_cfg
 from detectron2.engine import default_argument_parser, default_setup, hooks
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
+from detectron2.utils.file_io import PathManager
 
 from ..config import add_harnet_config
 from ..data import check_datasets_from_cfg, register_shapes_from_cfg
@@ -135,9 +136,27 @@ def _eval_only(cfg, args, trainer_cls):
     # when there is none) MODEL.WEIGHTS; "" leaves the freshly initialised model.
     AtomicDetectionCheckpointer(model, save_dir=out).resume_or_load(weights, resume=resume)
     res = trainer_cls.evaluate(cfg, model)
-    if comm.is_main_process() and isinstance(cfg, CfgNode):
-        verify_results(cfg, res)
+    if comm.is_main_process():
+        if isinstance(cfg, CfgNode):
+            verify_results(cfg, res)
+        write_eval_results(res, out)
     return res
+
+
+EVAL_RESULTS_FILE = "eval_results.json"
+
+
+def write_eval_results(results, output_dir):
+    """Write ``--eval-only`` results as JSON (``OUTPUT_DIR/eval_results.json``: dataset ->
+    task -> metric -> value, NaN where an area range has no ground truth) for scripts;
+    the log's "copypaste" lines hold the same numbers for people."""
+    import json
+
+    PathManager.mkdirs(output_dir)
+    path = os.path.join(output_dir, EVAL_RESULTS_FILE)
+    with PathManager.open(path, "w") as f:
+        json.dump(results, f, indent=1)
+    logger.info(f"Evaluation results written to {path}")
 
 
 def main(args):

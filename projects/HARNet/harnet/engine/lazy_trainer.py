@@ -44,7 +44,7 @@ class LazyConfigTrainer(HARNetTrainer):
 
     Example::
 
-        cfg = LazyConfig.load("configs/HARNet/demo/har_retinanet_R18_shapes.py")
+        cfg = LazyConfig.load("configs/HARNet/demo/har_R18_shapes_demo.py")
         cfg = LazyConfig.apply_overrides(cfg, ["train.max_iter=100"])
         trainer = LazyConfigTrainer(cfg)
         trainer.resume_or_load(resume=False)

@@ -7,7 +7,8 @@
 #   tools/run_demo.sh                         # outputs in output/demo
 #   HARNET_DEMO_OUTPUT=/tmp/demo tools/run_demo.sh SOLVER.MAX_ITER 100   # extra overrides
 #
-# About 10 minutes on 2 idle CPU cores (see README "Demo" for measured numbers).
+# About 5 minutes on 2 idle CPU cores, about 11 under heavy load (README "Demo" has the
+# measured numbers).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/tools/setup_env.sh"

@@ -186,3 +186,17 @@ def test_compare_runs_train_net_and_matches_pycocotools(tmp_path, monkeypatch):
     monkeypatch.setattr(subprocess, "call", no_process)
     assert compare.main(argv) == 0
     assert json.load(open(os.path.join(out, "summary.json")))["results"] == summary["results"]
+    # Other settings into the same folders are refused, naming both command lines.
+    with pytest.raises(SystemExit, match="different command(.|\n)*MAX_ITER 4"):
+        compare.main(argv + ["SOLVER.MAX_ITER", "4"])
+    with pytest.raises(SystemExit, match="evaluation '2x'"):
+        compare.main([a.replace("(16.0, 80.0)", "(16.0, 90.0)") for a in argv])
+    monkeypatch.undo()
+
+    # --force trains again; training is deterministic for a seed: the same AP.
+    first = os.path.getmtime(os.path.join(runs["HAR-Net"], "model_final.pth"))
+    assert compare.main(["--variants", "HAR-Net", "--force"] + argv) == 0
+    assert os.path.getmtime(os.path.join(runs["HAR-Net"], "model_final.pth")) > first
+    again = json.load(open(os.path.join(out, "summary.json")))["results"]
+    assert again["harnet_shapes_val"]["HAR-Net"] == summary["results"]["harnet_shapes_val"]["HAR-Net"]
+    assert again["2x"]["HAR-Net"] == summary["results"]["2x"]["HAR-Net"]

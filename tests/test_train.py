@@ -120,6 +120,13 @@ def test_train_checkpoint_resume_eval(tmp_path, data_root):
     res = run(["--eval-only", "--config-file", DEMO_YAML] + tiny_opts(data_root, out) + [
         "MODEL.WEIGHTS", os.path.join(out, "model_final.pth")])
     check_bbox_metrics(res)
+    # ... also written for scripts, NaN (area ranges without ground truth) included.
+    with open(os.path.join(out, "eval_results.json")) as f:
+        written = json.load(f)
+    assert set(written) == set(res) == {"harnet_shapes_val"}
+    for k, v in res["harnet_shapes_val"]["bbox"].items():
+        w = written["harnet_shapes_val"]["bbox"][k]
+        assert (np.isnan(v) and np.isnan(w)) or w == v, k
     results_json = os.path.join(out, "inference", "coco_instances_results.json")
     with open(results_json) as f:
         dets = json.load(f)

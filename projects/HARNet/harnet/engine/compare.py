@@ -2,11 +2,11 @@
 seeds, and tabulate their COCO box AP: e.g. HAR-Net against the all-off baseline
 (Detectron2's RetinaNet) on the built-in dataset. Used by ``tools/compare_variants.py``.
 
-Each run is ``train_net.py --resume --config-file CFG OUTPUT_DIR <out>/<variant>/seed<N>
-SEED N <variant overrides> <common overrides>`` in a fresh process, so a run is exactly
-what a user gets from the command line; only the variant's overrides and the seed differ
-between runs. A run whose results exist (``results.json`` in its folder) is reused, an
-interrupted one resumes from its last checkpoint.
+Each run is ``train_net.py --resume --config-file CFG <common overrides> <variant
+overrides> OUTPUT_DIR <out>/<variant>/seed<N> SEED N`` in a fresh process, so a run is
+exactly what a user gets from the command line; only the variant's overrides and the seed
+differ between runs. A run whose results exist (``results.json`` in its folder, written by
+the same command) is reused, an interrupted one resumes from its last checkpoint.
 
 The AP of one run is the evaluation that training ends with (Detectron2's ``EvalHook``,
 also written to ``metrics.json``), so every variant is evaluated by the same
@@ -222,33 +222,47 @@ def _single_dataset(results, path):
     return {k: float(v) for k, v in res["bbox"].items()}
 
 
+def _check_same_command(res, key, cmd, path):
+    """A reused result must come from the same command line (python executable aside)."""
+    old = res.get(key)
+    if old is not None and old[1:] != cmd[1:]:
+        raise SystemExit(
+            f"{path} was made by a different command:\n  {shlex.join(old[1:])}\nnow:\n  "
+            f"{shlex.join(cmd[1:])}\nuse another --output, or --force to train again")
+
+
 def _run_one(config, out_dir, seed, opts, args, extra_evals, log):
     """Train (or reuse) one run and evaluate it with every extra evaluation it lacks;
     returns its ``results.json`` content."""
     done = os.path.join(out_dir, RESULTS_FILE)
+    cmd = run_command(config, out_dir, seed, opts, args.opts)
     if os.path.isfile(done):
         with open(done) as f:
             res = json.load(f)
+        _check_same_command(res, "command", cmd, done)
         log(f"reusing {done}")
     else:
         os.makedirs(out_dir, exist_ok=True)
-        cmd = run_command(config, out_dir, seed, opts, args.opts)
         start = time.time()
         _call(cmd, f"training in {out_dir}", log)
         res = read_final_metrics(out_dir)
-        res.update(wall_s=time.time() - start, command=cmd, evals={})
+        res.update(wall_s=time.time() - start, command=cmd)
+    res.setdefault("evals", {})
+    res.setdefault("eval_commands", {})
     for label, eval_opts in extra_evals:
-        if label in res.get("evals", {}):
-            continue
         eval_dir = os.path.join(out_dir, "eval", _slug(label))
         cmd = run_command(config, eval_dir, seed, opts, args.opts)
         cmd.insert(2, "--eval-only")
         cmd += [*eval_opts, "MODEL.WEIGHTS", os.path.join(out_dir, "model_final.pth")]
+        if label in res["evals"]:
+            _check_same_command(res["eval_commands"], label, cmd, f"{done} (evaluation {label!r})")
+            continue
         log(f"evaluating {out_dir} ({label})")
         _call(cmd, f"evaluation '{label}' of {out_dir}", log)
         path = os.path.join(eval_dir, EVAL_RESULTS_FILE)
         with open(path) as f:
-            res.setdefault("evals", {})[label] = _single_dataset(json.load(f), path)
+            res["evals"][label] = _single_dataset(json.load(f), path)
+        res["eval_commands"][label] = cmd
     with open(done, "w") as f:
         json.dump(res, f, indent=1)
     return res
@@ -264,11 +278,14 @@ def main(argv=None) -> int:
         raise SystemExit(f"--config-file {args.config_file!r} does not exist")
     if len(args.opts) % 2:
         raise SystemExit(f"overrides must be KEY VALUE pairs, got {args.opts}")
-    variants = [parse_variant(v) for v in args.variants]
-    extra_evals = [parse_variant(v) for v in args.extra_evals]
+    try:
+        variants = [parse_variant(v) for v in args.variants]
+        extra_evals = [parse_variant(v) for v in args.extra_evals]
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     labels = [label for label, _ in variants]
-    if len(set(labels)) != len(labels):
-        raise SystemExit(f"variant labels must differ: {labels}")
+    if len({_slug(label) for label in labels}) != len(labels):
+        raise SystemExit(f"variant labels must differ (also as folder names): {labels}")
     baseline = args.baseline or labels[-1]
     if baseline not in labels:
         raise SystemExit(f"--baseline {baseline!r} is none of the variants {labels}")
@@ -278,7 +295,8 @@ def main(argv=None) -> int:
     log = lambda msg: print(f"[compare] {msg}", flush=True)  # noqa: E731
     test_set = ", ".join(_test_sets(config, args.opts))
     evaluations = [test_set] + [label for label, _ in extra_evals]
-    if len(set(evaluations)) != len(evaluations):
+    if len(set(evaluations)) != len(evaluations) or len(
+            {_slug(e) for e, _ in extra_evals}) != len(extra_evals):
         raise SystemExit(f"evaluation labels must differ from each other and the test set: {evaluations}")
 
     # Seed-major order: after each seed every variant has a result to compare.

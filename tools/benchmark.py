@@ -59,12 +59,10 @@ DEFAULT_CONFIGS = [
 
 def parse_config_entry(entry):
     """``[LABEL=]PATH[@KEY=VALUE]...`` -> (label, path, opts)."""
-    head, *overrides = entry.split("@")
+    from harnet.engine.compare import parse_variant  # the same @KEY=VALUE syntax
+
+    head, opts = parse_variant(entry)
     label, _, path = head.rpartition("=")
-    opts = []
-    for o in overrides:
-        key, _, value = o.partition("=")
-        opts += [key, value]
     return label or os.path.splitext(os.path.basename(path))[0], path, opts
 
 

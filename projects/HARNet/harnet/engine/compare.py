@@ -27,7 +27,8 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .defaults import EVAL_RESULTS_FILE
+from .defaults import EVAL_RESULTS_FILE, build_config
+from .defaults import argument_parser as argument_parser_train
 
 __all__ = [
     "DEFAULT_VARIANTS",
@@ -274,8 +275,11 @@ def main(argv=None) -> int:
         args.opts = args.opts[1:]
     if args.config_file.endswith(".py"):
         raise SystemExit("compare_variants takes yacs (.yaml) configs; variants are KEY=VALUE overrides")
-    if not os.path.isfile(os.path.join(REPO, args.config_file)) and not os.path.isfile(args.config_file):
+    config = args.config_file if os.path.isfile(args.config_file) else \
+        os.path.join(REPO, args.config_file)
+    if not os.path.isfile(config):
         raise SystemExit(f"--config-file {args.config_file!r} does not exist")
+    config = os.path.abspath(config)
     if len(args.opts) % 2:
         raise SystemExit(f"overrides must be KEY VALUE pairs, got {args.opts}")
     try:
@@ -289,8 +293,6 @@ def main(argv=None) -> int:
     baseline = args.baseline or labels[-1]
     if baseline not in labels:
         raise SystemExit(f"--baseline {baseline!r} is none of the variants {labels}")
-    config = os.path.abspath(args.config_file) if os.path.isfile(args.config_file) else \
-        os.path.join(REPO, args.config_file)
     output = os.path.abspath(args.output)
     log = lambda msg: print(f"[compare] {msg}", flush=True)  # noqa: E731
     test_set = ", ".join(_test_sets(config, args.opts))
@@ -350,12 +352,6 @@ def main(argv=None) -> int:
 
 
 def _test_sets(config, opts):
-    from detectron2.config import get_cfg
-
-    from ..config import add_harnet_config
-
-    cfg = get_cfg()
-    add_harnet_config(cfg)
-    cfg.merge_from_file(config)
-    cfg.merge_from_list(list(opts))
+    """The config's test sets, as train_net.py's config setup resolves them."""
+    cfg = build_config(argument_parser_train().parse_args(["--config-file", config, *opts]))
     return list(cfg.DATASETS.TEST)

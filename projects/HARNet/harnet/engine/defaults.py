@@ -3,6 +3,7 @@
 Kept in the package so that ``train_net.py`` stays a thin entry point and so that tests
 and other scripts can call :func:`main` directly.
 """
+import json
 import logging
 import os
 
@@ -150,8 +151,6 @@ def write_eval_results(results, output_dir):
     """Write ``--eval-only`` results as JSON (``OUTPUT_DIR/eval_results.json``: dataset ->
     task -> metric -> value, NaN where an area range has no ground truth) for scripts;
     the log's "copypaste" lines hold the same numbers for people."""
-    import json
-
     PathManager.mkdirs(output_dir)
     path = os.path.join(output_dir, EVAL_RESULTS_FILE)
     with PathManager.open(path, "w") as f:

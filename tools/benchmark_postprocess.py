@@ -105,6 +105,39 @@ def synthetic_candidates(
     return boxes[top].to(device), scores[top].to(device), classes[top].to(device)
 
 
+def dense_scene_candidates(
+    num_candidates=1000,
+    num_classes=1,
+    image_wh=(1333, 800),
+    cluster_size=20,
+    seed=0,
+    device="cpu",
+):
+    """Crowded-scene candidates (pedestrians, shelves, aerial views): boxes in clusters of
+    about ``cluster_size`` around object centres uniform in the image; each box's centre is
+    its cluster's jittered by N(0, 15 px), each side log-uniform in [20, 300] px (clipped
+    to the image), each score U(0.05, 1). Each cluster has one category, uniform in
+    ``range(num_classes)``.
+
+    Returns:
+        boxes (Tensor[N, 4] float32), scores (Tensor[N] float32), classes (Tensor[N] int64).
+    """
+    g = torch.Generator().manual_seed(seed)
+    W, H = image_wh
+    num_clusters = max(1, round(num_candidates / cluster_size))
+    centres = torch.rand(num_clusters, 2, generator=g) * torch.tensor([W, H])
+    cluster_classes = torch.randint(num_classes, (num_clusters,), generator=g)
+    cluster = torch.randint(num_clusters, (num_candidates,), generator=g)
+    ctr = centres[cluster] + torch.randn(num_candidates, 2, generator=g) * 15
+    lo, hi = math.log(20), math.log(300)
+    wh = torch.exp(lo + (hi - lo) * torch.rand(num_candidates, 2, generator=g))
+    boxes = torch.cat([ctr - wh / 2, ctr + wh / 2], dim=1)
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, W)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, H)
+    scores = 0.05 + 0.95 * torch.rand(num_candidates, generator=g)
+    return boxes.to(device), scores.to(device), cluster_classes[cluster].to(device)
+
+
 def _time_ms(fn, repeats, device):
     """Median milliseconds per call: wall time on GPU; on CPU the process CPU time, which a
     shared machine's load disturbs much less than wall time (with one torch thread it is
@@ -128,16 +161,25 @@ def _time_ms(fn, repeats, device):
 def run_ops(args):
     devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     cases = [
-        ("COCO-like, 80 cls", dict(num_candidates=1000)),
-        ("COCO-like x2 (double-scale), 80 cls", dict(num_candidates=2000, num_objects=24)),
-        ("dense, 1 cls", dict(num_candidates=1000, dense=True, num_objects=40)),
-        ("dense, 1 cls", dict(num_candidates=4000, dense=True, num_objects=120)),
+        ("COCO-like, 80 cls", synthetic_candidates, dict(num_candidates=1000)),
+        (
+            "COCO-like x2 (double-scale), 80 cls",
+            synthetic_candidates,
+            dict(num_candidates=2000, num_objects=24),
+        ),
+        ("few objects, 1 cls", synthetic_candidates, dict(num_candidates=1000, dense=True, num_objects=40)),
+        ("few objects, 1 cls", synthetic_candidates, dict(num_candidates=4000, dense=True, num_objects=120)),
+        ("dense scene, 80 cls", dense_scene_candidates, dict(num_candidates=1000, num_classes=80)),
+        ("dense scene, 1 cls", dense_scene_candidates, dict(num_candidates=1000)),
+        ("dense scene, 1 cls", dense_scene_candidates, dict(num_candidates=4000)),
     ]
+    if args.cases:
+        cases = [cases[i] for i in args.cases]
     rows = []
     for dev in devices:
         device = torch.device(dev)
-        for name, kw in tqdm(cases, desc=f"ops on {dev}", leave=False):
-            b, s, c = synthetic_candidates(device=device, **kw)
+        for name, make, kw in tqdm(cases, desc=f"ops on {dev}", leave=False):
+            b, s, c = make(device=device, **kw)
             k, ns = batched_soft_nms(b, s, c, "gaussian", 0.5)
             ops = {
                 "torchvision batched_nms (baseline)": lambda: batched_nms(b, s, c, 0.5),
@@ -271,6 +313,7 @@ def main():
     ops = sub.add_parser("ops", help="post-processing ops vs batched_nms")
     ops.add_argument("--devices", nargs="+", default=None, help="default: cpu [cuda]")
     ops.add_argument("--repeats", type=int, default=10)
+    ops.add_argument("--cases", type=int, nargs="+", default=None, help="case numbers (default: all)")
     mod = sub.add_parser("model", help="post-processing share and TTA cost in a model")
     mod.add_argument("--config-file", default="configs/HARNet/har_R_50_FPN_1x.yaml")
     mod.add_argument("--device", default="cpu")

@@ -8,3 +8,8 @@ from .spatial_attention import SpatialAttention  # noqa: F401
 from .backbone import AlignedResNet, build_harnet_resnet_fpn_backbone  # noqa: F401,E402
 from .head import HARRetinaNetHead  # noqa: F401,E402
 from .meta_arch import HARRetinaNet  # noqa: F401,E402
+# The authors' recipe: ANCHOR_GENERATOR "RoundedAnchorGenerator", BACKBONE
+# "build_harnet_resnet_authors_fpn_backbone", per-level loss normaliser, init schemes.
+from .anchors import RoundedAnchorGenerator  # noqa: F401,E402
+from .fpn import AuthorsFPN, build_harnet_resnet_authors_fpn_backbone  # noqa: F401,E402
+from .losses import per_level_normalized_losses  # noqa: F401,E402

@@ -5,6 +5,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torchvision.ops import DeformConv2d
 
+from .init import init_aligned_attention_
+
 __all__ = ["AlignedAttention"]
 
 
@@ -27,6 +29,8 @@ class AlignedAttention(nn.Module):
             in_channels.
         last_norm_init (float): initial weight of the last GroupNorm.
         offset_lr_factor (float): ``lr_factor`` of the offset conv.
+        init (str): "detectron2" (Caffe2 MSRA fill of conv1/conv2/conv3) or "authors"
+            (N(0, 0.01^2), the authors' prototxt fillers); see :mod:`harnet.modeling.init`.
     """
 
     def __init__(
@@ -37,6 +41,7 @@ class AlignedAttention(nn.Module):
         norm_groups: int = 32,
         last_norm_init: float = 0.1,
         offset_lr_factor: float = 0.1,
+        init: str = "detectron2",
     ) -> None:
         super().__init__()
         for name, value in (
@@ -79,6 +84,8 @@ class AlignedAttention(nn.Module):
         nn.init.zeros_(self.conv2_offset.weight)
         nn.init.zeros_(self.conv2_offset.bias)
         nn.init.constant_(self.norm3.weight, last_norm_init)
+        # "authors": N(0, 0.01^2) for conv1/conv2/conv3 (harnet.modeling.init).
+        init_aligned_attention_(self, init)
 
     def forward(self, x: Tensor) -> Tensor:
         """

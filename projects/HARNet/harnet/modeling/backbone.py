@@ -122,6 +122,7 @@ def aligned_attention_from_config(cfg, bottom_up_shapes) -> List[nn.Module]:
                 norm_groups=groups,
                 last_norm_init=align.LAST_NORM_INIT,
                 offset_lr_factor=align.OFFSET_LR_FACTOR,
+                init=cfg.MODEL.HARNET.INIT,
             )
         )
     return blocks

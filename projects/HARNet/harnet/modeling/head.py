@@ -14,6 +14,7 @@ from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
 
 from .channel_attention import CrossLevelSE
 from .clgn import CrossLevelGroupNorm
+from .init import INIT_SCHEMES, init_head_
 from .spatial_attention import SpatialAttention
 
 __all__ = ["HARRetinaNetHead", "SPATIAL_MODES"]
@@ -68,6 +69,7 @@ class HARRetinaNetHead(RetinaNetHead):
         channel_hidden: int = 32,
         channel_extra_conv: bool = True,
         dual_predictor: bool = True,
+        init: str = "detectron2",
     ):
         """
         Args:
@@ -85,6 +87,8 @@ class HARRetinaNetHead(RetinaNetHead):
             channel_hidden, channel_extra_conv: see :class:`CrossLevelSE`.
             dual_predictor (bool): with channel attention, keep predictor A on the spatially
                 attended features and add predictor B on the channel-attended ones.
+            init (str): weight initialisation of the towers, predictors and SE extra convs,
+                one of :data:`harnet.modeling.init.INIT_SCHEMES` (see :func:`init_head_`).
         """
         super().__init__(
             input_shape=input_shape,
@@ -156,6 +160,7 @@ class HARRetinaNetHead(RetinaNetHead):
                 nn.init.normal_(layer.weight, mean=0, std=0.01)
                 nn.init.constant_(layer.bias, 0)
             nn.init.constant_(self.channel_cls_score.bias, -math.log((1 - prior_prob) / prior_prob))
+        init_head_(self, init)
 
     @staticmethod
     def _clgn_list(conv_dims, num_groups, last_norm_init):
@@ -220,6 +225,8 @@ class HARRetinaNetHead(RetinaNetHead):
                     f"MODEL.HARNET.SPATIAL.NORM_GROUPS={ng} must be 0 or divide "
                     f"MODEL.HARNET.SPATIAL.CHANNELS={har.SPATIAL.CHANNELS} (> 0)"
                 )
+        if har.INIT not in INIT_SCHEMES:
+            raise ValueError(f"MODEL.HARNET.INIT={har.INIT!r} is unknown; use one of {INIT_SCHEMES}")
         if har.CHANNEL.ENABLED and har.CHANNEL.HIDDEN <= 0:
             raise ValueError(f"MODEL.HARNET.CHANNEL.HIDDEN={har.CHANNEL.HIDDEN} must be positive")
 
@@ -240,6 +247,7 @@ class HARRetinaNetHead(RetinaNetHead):
             channel_hidden=har.CHANNEL.HIDDEN,
             channel_extra_conv=har.CHANNEL.EXTRA_CONV,
             dual_predictor=har.CHANNEL.DUAL_PREDICTOR,
+            init=har.INIT,
         )
         return ret
 

@@ -10,10 +10,13 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, RetinaNet
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import get_event_storage
 
 from ..config_checks import check_harnet_config
 from ..layers.postprocess import postprocess_params_from_cfg, suppress_detections
+from .candidates import CANDIDATE_MODES, authors_level_candidates
 from .head import HARRetinaNetHead
+from .losses import LOSS_NORMALIZERS, per_level_normalized_losses
 
 __all__ = ["HARRetinaNet"]
 
@@ -37,6 +40,12 @@ class HARRetinaNet(RetinaNet):
 
     With HARNet's four switches off (and hard NMS) it is Detectron2's RetinaNet: same
     parameters, losses and detections.
+
+    Two switches follow the authors' released recipe instead (MODEL.HARNET.LOSS /
+    CANDIDATES): ``loss_normalizer="per_level"`` normalises each level's losses by its own
+    number of positives (:func:`per_level_normalized_losses`), and
+    ``candidate_mode="authors"`` selects each level's candidates after clipping and a
+    minimum-size filter (:func:`authors_level_candidates`).
     """
 
     @configurable
@@ -45,6 +54,10 @@ class HARRetinaNet(RetinaNet):
         *,
         predictor_loss_weights: Sequence[float] = (1.0,),
         postprocess_params: Optional[Dict] = None,
+        loss_normalizer: str = "running",
+        loss_min_normalizer: float = 100.0,
+        candidate_mode: str = "detectron2",
+        candidate_min_size: float = 8.0,
         **kwargs,
     ):
         """
@@ -54,6 +67,11 @@ class HARRetinaNet(RetinaNet):
             postprocess_params (dict or None): keyword arguments of
                 :func:`suppress_detections`; None = hard NMS with ``test_nms_thresh`` and
                 ``max_detections_per_image`` (RetinaNet's own post-processing).
+            loss_normalizer (str): "running" (RetinaNet's) or "per_level" (the authors').
+            loss_min_normalizer (float): minimum per-level normaliser (authors: 100).
+            candidate_mode (str): "detectron2" or "authors" (clip, minimum size, then top-k).
+            candidate_min_size (float): minimum box side of "authors" candidates, in
+                original-image pixels.
             kwargs: the arguments of Detectron2's :class:`RetinaNet`.
         """
         super().__init__(**kwargs)
@@ -74,6 +92,30 @@ class HARRetinaNet(RetinaNet):
                 max_detections=self.max_detections_per_image,
             )
         self.postprocess_params = dict(postprocess_params)
+        if loss_normalizer not in LOSS_NORMALIZERS:
+            raise ValueError(
+                f"HARRetinaNet: loss_normalizer={loss_normalizer!r} is unknown "
+                f"(MODEL.HARNET.LOSS.NORMALIZER); use one of {LOSS_NORMALIZERS}"
+            )
+        if not (math.isfinite(loss_min_normalizer) and loss_min_normalizer >= 0):
+            raise ValueError(
+                f"HARRetinaNet: loss_min_normalizer={loss_min_normalizer} must be finite and "
+                ">= 0 (MODEL.HARNET.LOSS.PER_LEVEL_MIN)"
+            )
+        if candidate_mode not in CANDIDATE_MODES:
+            raise ValueError(
+                f"HARRetinaNet: candidate_mode={candidate_mode!r} is unknown "
+                f"(MODEL.HARNET.CANDIDATES.MODE); use one of {CANDIDATE_MODES}"
+            )
+        if not (math.isfinite(candidate_min_size) and candidate_min_size >= 0):
+            raise ValueError(
+                f"HARRetinaNet: candidate_min_size={candidate_min_size} must be finite and "
+                ">= 0 (MODEL.HARNET.CANDIDATES.MIN_SIZE)"
+            )
+        self.loss_normalizer_mode = loss_normalizer
+        self.loss_min_normalizer = float(loss_min_normalizer)
+        self.candidate_mode = candidate_mode
+        self.candidate_min_size = float(candidate_min_size)
 
     @classmethod
     def from_config(cls, cfg):
@@ -100,6 +142,13 @@ class HARRetinaNet(RetinaNet):
         else:
             ret["predictor_loss_weights"] = [1.0]
         ret["postprocess_params"] = postprocess_params_from_cfg(cfg)
+        har = cfg.MODEL.HARNET
+        ret.update(
+            loss_normalizer=har.LOSS.NORMALIZER,
+            loss_min_normalizer=har.LOSS.PER_LEVEL_MIN,
+            candidate_mode=har.CANDIDATES.MODE,
+            candidate_min_size=har.CANDIDATES.MIN_SIZE,
+        )
         return ret
 
     # ---------------------------------------------------------------- shared steps
@@ -125,9 +174,20 @@ class HARRetinaNet(RetinaNet):
             training: dict of losses; inference: list of {"instances": Instances}.
         """
         if not self.training:
-            # RetinaNet's inference path; the head averages the predictors and
-            # inference_single_image below applies `suppress`.
-            return super().forward(batched_inputs)
+            if self.candidate_mode == "detectron2":
+                # RetinaNet's inference path; the head averages the predictors and
+                # inference_single_image below applies `suppress`.
+                return super().forward(batched_inputs)
+            # The authors' candidates need each image's resize scale (min size in
+            # original-image pixels), which RetinaNet's inference path does not pass on.
+            candidates = self.forward_candidates(batched_inputs, do_postprocess=False)
+            results = []
+            for inp, cand in zip(batched_inputs, candidates):
+                height = inp.get("height", cand.image_size[0])
+                width = inp.get("width", cand.image_size[1])
+                instances = detector_postprocess(self.suppress(cand), height, width)
+                results.append({"instances": instances})
+            return results
         if "instances" not in batched_inputs[0]:
             raise ValueError("HARRetinaNet: 'instances' annotations are missing in training")
         images, features = self._features(batched_inputs)
@@ -158,7 +218,7 @@ class HARRetinaNet(RetinaNet):
         ema_before = self.__dict__.get("loss_normalizer")
         losses = {}
         for i, (weight, pred) in enumerate(zip(self.predictor_loss_weights, predictions)):
-            if i > 0:
+            if i > 0 and self.loss_normalizer_mode == "running":
                 if ema_before is None:
                     del self.loss_normalizer
                 else:
@@ -167,11 +227,32 @@ class HARRetinaNet(RetinaNet):
                 pred, [self.num_classes, 4]
             )
             suffix = "" if i == 0 else ("_channel" if i == 1 else f"_{i}")
-            for name, value in self.losses(
+            for name, value in self._predictor_losses(
                 anchors, pred_logits, gt_labels, pred_deltas, gt_boxes
             ).items():
                 losses[name + suffix] = value * weight
         return losses
+
+    def _predictor_losses(self, anchors, pred_logits, gt_labels, pred_deltas, gt_boxes):
+        if self.loss_normalizer_mode == "running":
+            return self.losses(anchors, pred_logits, gt_labels, pred_deltas, gt_boxes)
+        labels = torch.stack(gt_labels)
+        num_pos = ((labels >= 0) & (labels != self.num_classes)).sum().item()
+        get_event_storage().put_scalar("num_pos_anchors", num_pos / len(gt_labels))
+        return per_level_normalized_losses(
+            anchors,
+            pred_logits,
+            gt_labels,
+            pred_deltas,
+            gt_boxes,
+            num_classes=self.num_classes,
+            focal_loss_alpha=self.focal_loss_alpha,
+            focal_loss_gamma=self.focal_loss_gamma,
+            box2box_transform=self.box2box_transform,
+            box_reg_loss_type=self.box_reg_loss_type,
+            smooth_l1_beta=self.smooth_l1_beta,
+            min_normalizer=self.loss_min_normalizer,
+        )
 
     # ---------------------------------------------------------------- inference
     def inference_single_image(self, anchors, box_cls, box_delta, image_size):
@@ -213,7 +294,9 @@ class HARRetinaNet(RetinaNet):
         """
         The detection candidates of each image before suppression: per level, the top
         ``test_topk_candidates`` (anchor, class) pairs scoring above ``test_score_thresh``,
-        decoded; all levels concatenated.
+        decoded (``candidate_mode="authors"``: :func:`authors_level_candidates`, clipped
+        boxes at least ``candidate_min_size`` original-image pixels wide and high); all
+        levels concatenated.
 
         Args:
             batched_inputs: as in inference (dicts with "image", optional "height"/"width").
@@ -232,20 +315,49 @@ class HARRetinaNet(RetinaNet):
         anchors = self.anchor_generator(features)
         results = []
         for i, image_size in enumerate(images.image_sizes):
-            candidates = self._decode_multi_level_predictions(
-                anchors,
-                [x[i].sigmoid() for x in pred_logits],
-                [x[i] for x in pred_deltas],
-                self.test_score_thresh,
-                self.test_topk_candidates,
-                image_size,
-            )
+            height = batched_inputs[i].get("height", image_size[0])
+            width = batched_inputs[i].get("width", image_size[1])
+            scores = [x[i].sigmoid() for x in pred_logits]
+            deltas = [x[i] for x in pred_deltas]
+            if self.candidate_mode == "authors":
+                # MIN_SIZE original-image pixels at this image's resize scale, per axis.
+                min_size = (
+                    self.candidate_min_size * image_size[1] / width,
+                    self.candidate_min_size * image_size[0] / height,
+                )
+                candidates = self._authors_candidates(anchors, scores, deltas, image_size, min_size)
+            else:
+                candidates = self._decode_multi_level_predictions(
+                    anchors,
+                    scores,
+                    deltas,
+                    self.test_score_thresh,
+                    self.test_topk_candidates,
+                    image_size,
+                )
             if do_postprocess:
-                height = batched_inputs[i].get("height", image_size[0])
-                width = batched_inputs[i].get("width", image_size[1])
                 candidates = detector_postprocess(candidates, height, width)
             results.append(candidates)
         return results
+
+    def _authors_candidates(self, anchors, scores, deltas, image_size, min_size) -> Instances:
+        per_level = [
+            authors_level_candidates(
+                a.tensor,
+                s,
+                d,
+                self.box2box_transform,
+                image_size,
+                min_size,
+                self.test_score_thresh,
+                self.test_topk_candidates,
+            )
+            for a, s, d in zip(anchors, scores, deltas)
+        ]
+        boxes, level_scores, classes = (torch.cat(x) for x in zip(*per_level))
+        return Instances(
+            image_size, pred_boxes=Boxes(boxes), scores=level_scores, pred_classes=classes
+        )
 
     @torch.no_grad()
     def attention_maps(self, batched_inputs: List[Dict[str, Tensor]]) -> List[List[Tensor]]:

@@ -94,6 +94,38 @@ def _add_model_config(cfg):
     cfg.MODEL.HARNET.CHANNEL.DUAL_PREDICTOR = True
     # Loss weights of predictors A and B (used with DUAL_PREDICTOR).
     cfg.MODEL.HARNET.CHANNEL.LOSS_WEIGHTS = [0.5, 0.5]
+    _add_authors_recipe_config(cfg)
+
+
+def _add_authors_recipe_config(cfg):
+    """Switches for the authors' released training/test recipe where Detectron2 has no key
+    (reference 4.1; configs/HARNet/har_R_*_FPN_authors.yaml turn them on). The defaults are
+    Detectron2's RetinaNet behaviour. The other differences use Detectron2's own keys:
+    MODEL.BACKBONE.NAME = "build_harnet_resnet_authors_fpn_backbone" (FPN layout and init),
+    MODEL.ANCHOR_GENERATOR.NAME = "RoundedAnchorGenerator" with OFFSET = 0.5 (anchors),
+    SOLVER.BIAS_LR_FACTOR / WEIGHT_DECAY_BIAS / WEIGHT_DECAY_NORM / WARMUP_* (solver).
+    """
+    # Weight init of the head's tower convs, both predictor pairs and the SE extra conv, and
+    # of the aligned blocks' convs: "detectron2" (N(0, 0.01^2) in the head, MSRA fill in the
+    # aligned blocks) or "authors" (Caffe MSRA N(0, 2/fan_in) in the head, N(0, 0.01^2) in
+    # the aligned blocks). See harnet/modeling/init.py.
+    cfg.MODEL.HARNET.INIT = "detectron2"
+    cfg.MODEL.HARNET.LOSS = CN()
+    # "running": Detectron2's RetinaNet (sum over levels / running mean of the positives).
+    # "per_level": the authors' (each level's focal and box loss sum / max(positive anchors
+    # at that level in the batch, PER_LEVEL_MIN)); stateless, per predictor pair.
+    cfg.MODEL.HARNET.LOSS.NORMALIZER = "running"
+    # Minimum normaliser of "per_level" (authors: 100).
+    cfg.MODEL.HARNET.LOSS.PER_LEVEL_MIN = 100.0
+    cfg.MODEL.HARNET.CANDIDATES = CN()
+    # Per-level candidates at inference: "detectron2" (score > SCORE_THRESH_TEST, top
+    # TOPK_CANDIDATES_TEST, decode) or "authors" (decode every anchor, clip to the image,
+    # drop boxes with a side under MIN_SIZE original-image pixels, then of the kept anchors'
+    # (anchor, class) pairs the top min(TOPK_CANDIDATES_TEST, number of kept anchors) that
+    # score >= SCORE_THRESH_TEST, and always the best one; authors' proposal_layer.cpp).
+    cfg.MODEL.HARNET.CANDIDATES.MODE = "detectron2"
+    # Minimum box side of "authors" candidates, in original-image pixels (authors: 8).
+    cfg.MODEL.HARNET.CANDIDATES.MIN_SIZE = 8.0
 
 
 def _add_postprocess_config(cfg):

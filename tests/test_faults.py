@@ -3,6 +3,7 @@ checkpoint, resuming, and safe checkpoint loading.
 
 References: Detectron2's own behaviour (SimpleTrainer's NaN check, fvcore's in-place
 checkpoint writes) and an uninterrupted run of the same trainer."""
+import inspect
 import multiprocessing as mp
 import os
 import pickle
@@ -37,10 +38,62 @@ _FORK = mp.get_context("fork")
 
 def test_detectron2_nan_check_names_iteration_only_on_total():
     # What Detectron2 already does: the iteration and every term's value, no term named.
+    # Detectron2 0.6: write_metrics(loss_dict, data_time, prefix) takes the iteration from
+    # the event storage; upstream (2023+) takes it as an argument, cur_iter.
+    losses = {"loss_cls": torch.tensor(float("nan")), "loss_box_reg": torch.tensor(0.5)}
+    takes_iter = "cur_iter" in inspect.signature(SimpleTrainer.write_metrics).parameters
     with EventStorage(7):
         with pytest.raises(FloatingPointError, match="iteration=7"):
-            SimpleTrainer.write_metrics({"loss_cls": torch.tensor(float("nan")),
-                                         "loss_box_reg": torch.tensor(0.5)}, 0.0)
+            if takes_iter:
+                SimpleTrainer.write_metrics(losses, 0.0, 7)
+            else:
+                SimpleTrainer.write_metrics(losses, 0.0)
+
+
+class _LossModel(nn.Module):
+    """Returns two loss terms; ``loss_b`` is NaN at iteration ``nan_at`` (counted calls)."""
+
+    def __init__(self, nan_at):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(3))
+        self.calls, self.nan_at = 0, nan_at
+
+    def forward(self, batch):
+        loss_b = (self.w * 2).sum()
+        if self.calls == self.nan_at:
+            loss_b = loss_b * float("nan")
+        self.calls += 1
+        return {"loss_a": self.w.square().sum(), "loss_b": loss_b}
+
+
+def _async_supported():
+    return "async_write_metrics" in inspect.signature(SimpleTrainer.__init__).parameters
+
+
+@pytest.mark.parametrize("async_write", [False, True], ids=["sync", "async"])
+def test_nan_loss_stops_before_the_step_with_sync_and_async_metrics(async_write):
+    if async_write and not _async_supported():
+        pytest.skip("Detectron2 0.6's SimpleTrainer writes metrics synchronously only "
+                    "(async_write_metrics was added upstream in 2023)")
+    model = _LossModel(nan_at=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    kwargs = {"async_write_metrics": True} if async_write else {}
+    trainer = GuardedSimpleTrainer(model, iter(lambda: [None], 0), opt, **kwargs)
+    after_two_steps = None
+
+    class Snapshot(HookBase):
+        def after_step(self):
+            nonlocal after_two_steps
+            if self.trainer.iter == 1:
+                after_two_steps = model.w.detach().clone()
+
+    trainer.register_hooks([Snapshot()])
+    with pytest.raises(FloatingPointError, match=r"iteration=2: loss_b=nan \(all terms"):
+        trainer.train(0, 5)
+    assert model.calls == 3
+    # No optimizer step ran at the failing iteration: the weights are still finite and
+    # equal to those after iteration 1.
+    torch.testing.assert_close(model.w.detach(), after_two_steps)
 
 
 def test_check_finite_losses_names_terms():
@@ -240,7 +293,9 @@ class _NaNLossAt(HookBase):
             def nan_cls(module, inputs, losses):
                 return dict(losses, loss_cls=losses["loss_cls"] * float("nan"))
 
-            self.trainer.model.register_forward_hook(nan_cls)
+            # prepend: like a loss term turning NaN inside the model, i.e. before the
+            # trainer's own check (also a forward hook) sees the losses.
+            self.trainer.model.register_forward_hook(nan_cls, prepend=True)
 
 
 def _state(trainer):

@@ -6,6 +6,8 @@
 #   tools/setup_env.sh            # venv in $HARNET_VENV, default <repo>/.venv
 #   HARNET_VENV=~/envs/d2 tools/setup_env.sh   # reuse/extend an existing environment
 #   HARNET_D2_MODE=fallback tools/setup_env.sh # force a Detectron2 install mode
+#   HARNET_D2_SOURCE=path/to/detectron2[.tar.gz] HARNET_VENV=... tools/setup_env.sh
+#                                              # compile Detectron2 from a local source
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${HARNET_VENV:-$ROOT/.venv}"
@@ -13,10 +15,18 @@ PY="$VENV/bin/python"
 STAMP="$VENV/.harnet-setup-stamp"
 start=$(date +%s)
 
-# Everything that decides what gets installed; a change re-runs the install.
-want=$(cat "$ROOT/requirements/base.txt" "$ROOT/setup.cfg" "$ROOT/pyproject.toml" \
+D2_SOURCE="${HARNET_D2_SOURCE:-}"
+if [[ -n "$D2_SOURCE" && ! -e "$D2_SOURCE" ]]; then
+  echo "[setup] HARNET_D2_SOURCE=$D2_SOURCE: no such file or directory" >&2
+  exit 2
+fi
+# Everything that decides what gets installed; a change re-runs the install. The clone's
+# path counts: harnet is installed in editable mode, pointing at one clone.
+want=$( { cat "$ROOT/requirements/base.txt" "$ROOT/setup.cfg" "$ROOT/pyproject.toml" \
   "$ROOT/projects/HARNet/harnet/d2_compat/install.py" \
-  "$ROOT/projects/HARNet/harnet/d2_compat/_C_fallback.py" | sha256sum | cut -d' ' -f1)
+  "$ROOT/projects/HARNet/harnet/d2_compat/_C_fallback.py"
+  echo "root=$ROOT mode=${HARNET_D2_MODE:-auto} source=$D2_SOURCE"
+  if [[ -n "$D2_SOURCE" ]]; then stat -c "%s %Y" "$D2_SOURCE"; fi; } | sha256sum | cut -d' ' -f1)
 
 MODULES="torch torchvision detectron2 detectron2._C harnet pycocotools cv2 pytest hypothesis"
 check() {  # really import everything (after an install)

@@ -4,22 +4,28 @@
     python -m harnet.collect_env --full   # plus Detectron2's own collect_env table
 """
 import argparse
-import importlib.util
 import platform
 import sys
 
 from tabulate import tabulate
 
+from harnet.d2_compat.install import D2_COMMIT, install_mode as detectron2_install_mode
+from harnet.d2_compat.install import installed_version
 
-def detectron2_install_mode():
-    """How Detectron2 is installed: 'compiled' (C++/CUDA ops built), 'fallback' (Python
-    sources + HARNet's pure-Python ``detectron2._C``), 'no _C' or 'not installed'."""
-    if importlib.util.find_spec("detectron2") is None:
-        return "not installed"
-    spec = importlib.util.find_spec("detectron2._C")
-    if spec is None or spec.origin is None:
-        return "no _C"
-    return "fallback" if spec.origin.endswith(".py") else "compiled"
+
+def _describe_distribution(dist):
+    """``<name> <version>``, with what the version says: the source commit of a compiled
+    build (``0.6+g<commit>``, tested when it is ``D2_COMMIT``), or the PyPI snapshot."""
+    if dist is None:
+        return "not found"
+    name, version = dist.split(" ", 1)
+    if name == "pb1-detectron2":
+        return f"{dist} (PyPI snapshot of Detectron2 main, 2022)"
+    if "+g" in version:
+        commit = version.split("+g", 1)[1]
+        tested = "the commit HARNet's CI tests" if commit == D2_COMMIT else "untested commit"
+        return f"{dist} (source commit {commit}: {tested})"
+    return f"{dist} (source commit unknown)"
 
 
 def collect_env_info():
@@ -45,6 +51,7 @@ def collect_env_info():
     except ImportError as e:  # still print the rest: this is a diagnostic tool
         rows.append(("detectron2", f"import failed: {e}"))
     rows.append(("detectron2 install mode", detectron2_install_mode()))
+    rows.append(("detectron2 distribution", _describe_distribution(installed_version())))
     for name in ("fvcore", "iopath", "pycocotools", "cv2", "numpy", "PIL"):
         try:
             mod = __import__(name)

@@ -17,14 +17,16 @@ What Detectron2 0.6 / fvcore already do, and what this module adds:
   ``DefaultTrainer`` checkpoints neither the optimizer state (``HARNetTrainer`` adds it)
   nor RetinaNet's running loss normaliser (:class:`LossNormalizerStateMixin` adds it).
 - ``SimpleTrainer`` raises ``FloatingPointError("Loss became infinite or NaN at
-  iteration=N ...")`` from its metrics writer, on the main process, before
-  ``optimizer.step()``. :class:`NonFiniteLossCheck` checks every process's loss terms first
-  and names the non-finite ones.
+  iteration=N ...")`` from its metrics writer, on the main process only, without naming the
+  term; upstream Detectron2 may run that writer asynchronously, after the optimizer step.
+  :class:`NonFiniteLossCheck` checks every process's loss terms right after the forward
+  pass, before ``backward()`` and the step, and names the non-finite ones.
 """
 import logging
 import math
 import os
 import pickle
+import weakref
 
 import torch
 
@@ -168,31 +170,62 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
 def check_finite_losses(loss_dict, iteration):
     """Raise ``FloatingPointError`` naming the iteration and the non-finite loss terms.
 
+    One host-device synchronisation when every term is finite (the usual case).
+
     Args:
         loss_dict (dict[str, Tensor]): scalar losses.
         iteration (int): the current iteration, for the message.
     """
-    values = {k: float(v.detach()) for k, v in loss_dict.items()}
+    if not loss_dict:
+        return
+    terms = torch.stack([v.detach().float().reshape(()) for v in loss_dict.values()])
+    if bool(torch.isfinite(terms).all()):
+        return
+    values = dict(zip(loss_dict, terms.tolist()))
     bad = [k for k, v in values.items() if not math.isfinite(v)]
-    if bad:
-        rank = f" on rank {comm.get_rank()}" if comm.get_world_size() > 1 else ""
-        raise FloatingPointError(
-            f"Loss became infinite or NaN at iteration={iteration}{rank}: "
-            + ", ".join(f"{k}={values[k]}" for k in bad)
-            + f" (all terms: {values}). Training stopped before the optimizer step; "
-            "checkpoints saved so far are unaffected (resume with --resume, perhaps with a "
-            "lower SOLVER.BASE_LR or gradient clipping)."
-        )
+    rank = f" on rank {comm.get_rank()}" if comm.get_world_size() > 1 else ""
+    raise FloatingPointError(
+        f"Loss became infinite or NaN at iteration={iteration}{rank}: "
+        + ", ".join(f"{k}={values[k]}" for k in bad)
+        + f" (all terms: {values}). Training stopped before the optimizer step; "
+        "checkpoints saved so far are unaffected (resume with --resume, perhaps with a "
+        "lower SOLVER.BASE_LR or gradient clipping)."
+    )
+
+
+class _LossCheckHook:
+    """Forward hook of the trained model: checks the loss dict it returns in training mode.
+    Holds the trainer weakly (the trainer holds the model, which holds this hook)."""
+
+    def __init__(self, trainer):
+        self.trainer = weakref.ref(trainer)
+
+    def __call__(self, module, inputs, output):
+        trainer = self.trainer()
+        if trainer is None or not module.training:
+            return
+        if isinstance(output, torch.Tensor):  # SimpleTrainer accepts a bare total loss too
+            output = {"total_loss": output}
+        if isinstance(output, dict):
+            check_finite_losses(output, trainer.iter)
 
 
 class NonFiniteLossCheck:
-    """Mixin for Detectron2's ``SimpleTrainer`` / ``AMPTrainer``: before the metrics are
-    written (and before ``optimizer.step()``), every process checks its own loss terms
-    with :func:`check_finite_losses`."""
+    """Mixin for Detectron2's ``SimpleTrainer`` / ``AMPTrainer``: every process checks its
+    own loss terms with :func:`check_finite_losses` as soon as the model returns them.
 
-    def _write_metrics(self, loss_dict, data_time, prefix=""):
-        check_finite_losses(loss_dict, self.iter)
-        super()._write_metrics(loss_dict, data_time, prefix)
+    Why a forward hook on the model (Detectron2's documented place to act on the losses)
+    rather than the metrics writer: Detectron2's own check runs in ``write_metrics`` on the
+    main process only and names no term, and upstream Detectron2 can write metrics
+    asynchronously (``async_write_metrics=True``: a worker thread, after which the optimizer
+    step has already run). The hook runs in the training thread of every process, before
+    ``backward()`` and the optimizer step, with either Detectron2 version. Forward hooks that
+    a user registers later on the same model run after the check.
+    """
+
+    def __init__(self, model, *args, **kwargs):
+        super().__init__(model, *args, **kwargs)
+        self._loss_check = model.register_forward_hook(_LossCheckHook(self))
 
 
 class GuardedSimpleTrainer(NonFiniteLossCheck, SimpleTrainer):

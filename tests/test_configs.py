@@ -100,12 +100,11 @@ def test_authors_config():
     model = build_model(cfg)
     assert model.anchor_generator.num_cell_anchors == [6] * 5
     sizes = list(model.anchor_generator.cell_anchors)[0]
-    widths = (sizes[:, 2] - sizes[:, 0]).tolist()
-    # 32 and 32*sqrt(2) x ratios {0.5, 1, 2} on P3.
-    assert sorted({round(w * h) for w, h in zip(widths, (sizes[:, 3] - sizes[:, 1]).tolist())}) == [
-        1024,
-        2048,
-    ]
+    wh = torch.stack([sizes[:, 2] - sizes[:, 0], sizes[:, 3] - sizes[:, 1]], 1)
+    # P3: the authors' rounded 8-px base boxes (ratios 0.5, 1, 2: 11x6, 8x8, 6x12) times the
+    # scales 4 and 4*sqrt(2) (tests/test_authors_recipe.py checks every level and position).
+    base = torch.tensor([[11.0, 6.0], [8.0, 8.0], [6.0, 12.0]])
+    torch.testing.assert_close(wh, torch.cat([base * 4, base * 4 * 2**0.5]))
     assert model.smooth_l1_beta == 0.01 and model.box_reg_loss_type == "smooth_l1"
     assert tuple(model.box2box_transform.weights) == (1.0, 1.0, 1.0, 1.0)
     assert cfg.SOLVER.BASE_LR == 0.005 and tuple(cfg.SOLVER.STEPS) == (60000,)

@@ -2,7 +2,7 @@
 "RoundedAnchorGenerator"``)."""
 
 import math
-from typing import List, Sequence
+from typing import Sequence
 
 import torch
 
@@ -10,6 +10,7 @@ from detectron2.config import configurable
 from detectron2.modeling.anchor_generator import (
     ANCHOR_GENERATOR_REGISTRY,
     DefaultAnchorGenerator,
+    _broadcast_params,
 )
 
 __all__ = ["RoundedAnchorGenerator", "rounded_cell_anchors"]
@@ -72,24 +73,12 @@ class RoundedAnchorGenerator(DefaultAnchorGenerator):
     @configurable
     def __init__(self, *, sizes, aspect_ratios, strides, offset=0.5):
         super().__init__(sizes=sizes, aspect_ratios=aspect_ratios, strides=strides, offset=offset)
-        sizes = _broadcast(sizes, len(strides))
-        ratios = _broadcast(aspect_ratios, len(strides))
+        sizes = _broadcast_params(sizes, len(strides), "sizes")
+        ratios = _broadcast_params(aspect_ratios, len(strides), "aspect_ratios")
         # Replace the exact cell anchors (same buffers' names and shapes, same count).
         for buf, stride, s, a in zip(list(self.cell_anchors), strides, sizes, ratios):
             cell = rounded_cell_anchors(stride, s, a)
             if buf.shape != cell.shape:
-                raise AssertionError(f"cell anchors shape {tuple(cell.shape)} vs {tuple(buf.shape)}")
+                raise AssertionError(f"cell anchors {tuple(cell.shape)} vs {tuple(buf.shape)}")
             buf.copy_(cell)
 
-
-def _broadcast(params, num_features: int) -> List[List[float]]:
-    # Detectron2's rule: one list for all levels, or one list per level.
-    if not isinstance(params[0], (list, tuple)):
-        return [list(params)] * num_features
-    if len(params) == 1:
-        return [list(params[0])] * num_features
-    if len(params) != num_features:
-        raise ValueError(
-            f"MODEL.ANCHOR_GENERATOR: got {len(params)} lists for {num_features} feature levels"
-        )
-    return [list(p) for p in params]

@@ -1,5 +1,5 @@
 """Per-level detection candidates as the authors' released test selects them
-(``MODEL.HARNET.CANDIDATES.MODE = "authors"``; ``caffe-123/src/caffe/layers/proposal_layer.cpp``)."""
+(``MODEL.HARNET.CANDIDATES.MODE = "authors"``; their ``proposal_layer.cpp``)."""
 
 from typing import Tuple
 

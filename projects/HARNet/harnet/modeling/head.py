@@ -226,7 +226,9 @@ class HARRetinaNetHead(RetinaNetHead):
                     f"MODEL.HARNET.SPATIAL.CHANNELS={har.SPATIAL.CHANNELS} (> 0)"
                 )
         if har.INIT not in INIT_SCHEMES:
-            raise ValueError(f"MODEL.HARNET.INIT={har.INIT!r} is unknown; use one of {INIT_SCHEMES}")
+            raise ValueError(
+                f"MODEL.HARNET.INIT={har.INIT!r} is unknown; use one of {INIT_SCHEMES}"
+            )
         if har.CHANNEL.ENABLED and har.CHANNEL.HIDDEN <= 0:
             raise ValueError(f"MODEL.HARNET.CHANNEL.HIDDEN={har.CHANNEL.HIDDEN} must be positive")
 

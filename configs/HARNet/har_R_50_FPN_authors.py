@@ -77,6 +77,7 @@ optimizer.weight_decay = 1e-4
 optimizer.params.bias_lr_factor = 2.0
 optimizer.params.weight_decay_bias = 0.0
 optimizer.params.weight_decay_norm = 1e-4
+optimizer.params.bias_exceptions = "authors"
 train.max_iter = 90000
 lr_multiplier.scheduler.values = [1.0, 0.1]
 lr_multiplier.scheduler.milestones = [60000]

@@ -166,9 +166,22 @@ def _add_tta_config(cfg):
 
     The views come from Detectron2's keys: ``TEST.AUG.ENABLED`` (evaluate with TTA too),
     ``TEST.AUG.MIN_SIZES`` (short sides), ``TEST.AUG.MAX_SIZE``, ``TEST.AUG.FLIP``. Every
-    view's candidates are mapped back to the original image, concatenated and suppressed
-    once with the model's MODEL.HARNET.POSTPROCESS settings.
+    view's candidates are mapped back to the original image and merged as ``MERGE`` says.
+    Checked by ``HARRetinaNetWithTTA`` (errors name the key).
     """
+    # How the views are merged: "suppress" (all views' candidates concatenated and
+    # suppressed once with the model's MODEL.HARNET.POSTPROCESS settings) or "wbf" (each
+    # view suppressed so on its own, then weighted boxes fusion across views, WBF below).
+    cfg.TEST.AUG.MERGE = "suppress"
+    wbf = cfg.TEST.AUG.WBF = CN()
+    # A view's box joins a cluster when its IoU with the cluster's fused box is above
+    # this (Solovyev et al. 2021: 0.55).
+    wbf.IOU_THRESH = 0.55
+    # Boxes scoring below this are left out of the fusion.
+    wbf.SKIP_THRESH = 0.0
+    # Score of a fused box: "avg" (the paper: mean score x min(views, boxes) / views),
+    # "max" (best score), "box_and_model_avg" (mean score x share of views present).
+    wbf.CONF_TYPE = "avg"
     ss = cfg.TEST.AUG.SIZE_SELECT = CN()
     # Size-dependent selection (Detectron's SCALE_SIZE_DEP): views up-scaled relative to
     # the plain test scale (INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST) contribute no large
@@ -232,6 +245,10 @@ def _add_train_config(cfg):
     # "SGD" (Detectron2's, with MOMENTUM / NESTEROV) or "AdamW" (decoupled WEIGHT_DECAY);
     # both on HARNet's parameter groups (lr factors) with SOLVER.CLIP_GRADIENTS.
     cfg.SOLVER.OPTIMIZER = "SGD"
+    # Biases exempt from SOLVER.BIAS_LR_FACTOR / WEIGHT_DECAY_BIAS (harnet.solver
+    # BIAS_EXCEPTIONS): "none", or "authors" (the authors' prototxts: FPN, SE-FC and offset
+    # conv biases keep weight decay; spatial attention biases at 1x lr with decay).
+    cfg.SOLVER.BIAS_EXCEPTIONS = "none"
 
     ts = cfg.SOLVER.TWO_STEP = CN()
     # Run the two-step schedule (``train_net.py --two-step`` sets it).

@@ -1,5 +1,6 @@
 """Optimizer of HARNet: Detectron2's default parameter groups plus per-module lr factors."""
 
+import re
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -13,10 +14,28 @@ from detectron2.solver.build import (
 
 from .modeling.clgn import CrossLevelGroupNorm
 
-__all__ = ["build_optimizer", "get_optimizer_params", "lr_factors"]
+__all__ = ["BIAS_EXCEPTIONS", "build_optimizer", "get_optimizer_params", "lr_factors"]
 
 # Norm layers Detectron2 does not know about, that WEIGHT_DECAY_NORM must also cover.
 EXTRA_NORM_TYPES = (CrossLevelGroupNorm,)
+
+
+# Biases that do not follow the general bias rule (bias_lr_factor, weight_decay_bias), by
+# parameter-name pattern: (pattern, lr factor relative to base_lr or None to keep the
+# bias_lr_factor, keep the ordinary weight decay). "authors": the param { lr_mult
+# decay_mult } of the authors' train_hyr_att.prototxt, where the FPN convs, the SE FCs and
+# the offset convs give their biases lr_mult 2 (0.2) but no decay_mult (so decay 1), and
+# the spatial branches give no param at all (lr 1, decay 1).
+BIAS_EXCEPTIONS: Dict[str, List] = {
+    "none": [],
+    "authors": [
+        (r"(^|\.)fpn_(lateral|output)\d+\.bias$", None, True),
+        (r"(^|\.)top_block\.p[67]\.bias$", None, True),
+        (r"channel_attention\.fc[12]\.bias$", None, True),
+        (r"conv2_offset\.bias$", None, True),
+        (r"(^|\.)spatial_attention\..*\.bias$", 1.0, True),
+    ],
+}
 
 
 def lr_factors(model: nn.Module, attr: str = "lr_factor") -> Dict[nn.Parameter, float]:
@@ -53,6 +72,7 @@ def get_optimizer_params(
     weight_decay_bias: Optional[float] = None,
     overrides: Optional[Dict[str, Dict[str, float]]] = None,
     lr_factor_attr: str = "lr_factor",
+    bias_exceptions: str = "none",
 ) -> List[Dict[str, Any]]:
     """
     Detectron2's :func:`get_default_optimizer_params` (same arguments and result), with two
@@ -67,6 +87,9 @@ def get_optimizer_params(
     The authors' recipe (reference 4.1) is ``bias_lr_factor=2``, ``weight_decay_bias=0``,
     ``weight_decay_norm=weight_decay``: biases at 2x lr without decay, GN scales with decay,
     and the offset convs' biases at 0.1 x 2 = 0.2x lr.
+
+    ``bias_exceptions`` names a rule list of :data:`BIAS_EXCEPTIONS` (SOLVER.BIAS_EXCEPTIONS):
+    matching biases keep the ordinary weight decay and optionally another lr factor.
 
     Usable from a LazyConfig: ``L(get_optimizer_params)(base_lr="${..lr}",
     weight_decay_norm=0.0)`` (the model is filled in by the trainer). ``base_lr`` is
@@ -95,10 +118,32 @@ def get_optimizer_params(
                     if not (name == "bias" and weight_decay_bias is not None):
                         extra_norm_params.add(p)
 
+    if bias_exceptions not in BIAS_EXCEPTIONS:
+        raise ValueError(
+            f"SOLVER.BIAS_EXCEPTIONS={bias_exceptions!r} is unknown; use one of "
+            f"{sorted(BIAS_EXCEPTIONS)}"
+        )
+    exceptions = {}
+    for name, p in model.named_parameters():
+        for pattern, lr_factor, decay in BIAS_EXCEPTIONS[bias_exceptions]:
+            if re.search(pattern, name):
+                exceptions[p] = (lr_factor, decay)
+                break
+
     per_param = []
     for group in groups:
         for p in group["params"]:
             hyper = {k: v for k, v in group.items() if k != "params"}
+            if p in exceptions:
+                lr_factor, decay = exceptions[p]
+                if lr_factor is not None:
+                    if base_lr is None:
+                        raise ValueError("get_optimizer_params: bias_exceptions need base_lr")
+                    hyper["lr"] = base_lr * lr_factor
+                if decay:  # the ordinary decay: the argument, else the optimizer's default
+                    hyper.pop("weight_decay", None)
+                    if weight_decay is not None:
+                        hyper["weight_decay"] = weight_decay
             factor = factors.get(p, 1.0)
             if factor != 1.0:
                 if "lr" not in hyper:
@@ -125,6 +170,7 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
         weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
         bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
         weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
+        bias_exceptions=cfg.SOLVER.BIAS_EXCEPTIONS,
     )
     return maybe_add_gradient_clipping(cfg, torch.optim.SGD)(
         params,

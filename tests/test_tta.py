@@ -10,7 +10,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from detectron2.evaluation import DatasetEvaluator, inference_on_dataset
 from detectron2.modeling import DatasetMapperTTA, build_model
-from detectron2.structures import Boxes
+from detectron2.structures import Boxes, Instances
 
 from harnet import HARRetinaNetWithTTA
 from harnet_model_utils import har_cfg, perturb_, single_thread
@@ -225,3 +225,113 @@ def test_views_are_batched_by_size(model):
     tta = HARRetinaNetWithTTA(_cfg(), model, batch_size=2)
     views = [{"image": torch.zeros(3, h, w)} for h, w in [(8, 9), (8, 9), (5, 9), (8, 9), (5, 9)]]
     assert tta._batches(views) == [[0, 1], [3], [2, 4]]
+
+
+# ---- TEST.AUG.MERGE = "wbf": each view as the model's inference, then weighted boxes fusion.
+
+
+def _wbf_cfg(min_sizes=(48, 80), flip=True, detections=1000):
+    cfg = _cfg(min_sizes=min_sizes, flip=flip)
+    cfg.TEST.AUG.MERGE = "wbf"
+    cfg.TEST.DETECTIONS_PER_IMAGE = detections
+    return cfg
+
+
+def _as_rows(inst):
+    """Detections as (score, class, box) rows in a canonical order (equal scores of
+    different boxes may come in either order)."""
+    rows = torch.cat(
+        [inst.scores[:, None].double(), inst.pred_classes[:, None].double(),
+         inst.pred_boxes.tensor.double()], 1)  # fmt: skip
+    return torch.tensor(sorted(rows.tolist()), dtype=torch.float64).reshape(-1, 6)
+
+
+def _assert_same_sets(a, b, atol=1e-3):
+    ra, rb = _as_rows(a), _as_rows(b)
+    assert ra.shape == rb.shape and len(ra) > 0
+    torch.testing.assert_close(ra[:, 0], rb[:, 0], rtol=1e-5, atol=1e-6)
+    assert torch.equal(ra[:, 1], rb[:, 1])
+    torch.testing.assert_close(ra[:, 2:], rb[:, 2:], rtol=0, atol=atol)
+
+
+def test_wbf_merge_equals_ensemble_boxes_on_the_models_views(model):
+    # Reference: the model's own inference on each view (output at the original size,
+    # flipped views mirrored back by hand), fused by the ensemble-boxes package on
+    # coordinates normalised to [0, 1].
+    ensemble_boxes = pytest.importorskip("ensemble_boxes")
+    cfg = _wbf_cfg()
+    inp = _input(seed=7)
+    got = HARRetinaNetWithTTA(cfg, model)([copy.deepcopy(inp)])[0]["instances"]
+    views = DatasetMapperTTA(cfg)(copy.deepcopy(inp))
+    scale = torch.tensor([96.0, 64.0] * 2)
+    per_view = []
+    for view in views:
+        flipped = "HFlip" in str(view.pop("transforms"))
+        with torch.no_grad():
+            det = model([dict(view, height=64, width=96)])[0]["instances"]
+        b = det.pred_boxes.tensor
+        if flipped:
+            b = torch.stack([96 - b[:, 2], b[:, 1], 96 - b[:, 0], b[:, 3]], dim=1)
+        per_view.append((b / scale, det.scores, det.pred_classes))
+    assert len(per_view) == 4 and all(len(v[0]) > 5 for v in per_view)
+    boxes, scores, labels = ensemble_boxes.weighted_boxes_fusion(
+        *([t.double().numpy() for t in ts] for ts in zip(*per_view)), iou_thr=0.55
+    )
+    expected = Instances(
+        (64, 96),
+        pred_boxes=Boxes(torch.as_tensor(boxes) * scale),
+        scores=torch.as_tensor(scores),
+        pred_classes=torch.as_tensor(labels).long(),
+    )
+    num_in = sum(len(v[0]) for v in per_view)
+    assert max(len(v[0]) for v in per_view) < len(expected) < num_in  # some views fused
+    _assert_same_sets(got, expected)
+    # TEST.DETECTIONS_PER_IMAGE keeps the best fused detections.
+    best = HARRetinaNetWithTTA(_wbf_cfg(detections=10), model)([copy.deepcopy(inp)])[0]
+    assert torch.equal(best["instances"].scores, got.scores[:10])
+    assert torch.equal(best["instances"].pred_boxes.tensor, got.pred_boxes.tensor[:10])
+
+
+def test_wbf_merge_view_order_and_empty_views(model):
+    inp = _input(seed=8)
+    cfg = _wbf_cfg()
+    got = HARRetinaNetWithTTA(cfg, model)([copy.deepcopy(inp)])[0]["instances"]
+    mapper = DatasetMapperTTA(cfg)
+    reverse = HARRetinaNetWithTTA(cfg, model, tta_mapper=lambda d: mapper(d)[::-1])
+    _assert_same_sets(reverse([copy.deepcopy(inp)])[0]["instances"], got, atol=1e-4)
+
+    # One view only: the model's detections. (Boxes the model kept apart can overlap more
+    # once clipped to the image, and fuse: IOU_THRESH 1 fuses nothing.)
+    cfg = _wbf_cfg(min_sizes=(64,), flip=False)
+    cfg.TEST.AUG.WBF.IOU_THRESH = 1.0
+    one = HARRetinaNetWithTTA(cfg, model)
+    with torch.no_grad():
+        plain = model([copy.deepcopy(inp)])[0]["instances"]
+    _assert_same(one([copy.deepcopy(inp)])[0]["instances"], plain, exact=True)
+    # Plus a view emptied by size selection (down-scaled, nothing counts as large): the
+    # same boxes, each scored by the paper's rule min(2 views, 1 box) / 2.
+    cfg = _wbf_cfg(min_sizes=(40, 64), flip=False)
+    cfg.TEST.AUG.WBF.IOU_THRESH = 1.0
+    cfg.TEST.AUG.SIZE_SELECT.ENABLED = True
+    cfg.TEST.AUG.SIZE_SELECT.SMALL_AREA = cfg.TEST.AUG.SIZE_SELECT.LARGE_AREA = 1e9
+    two = HARRetinaNetWithTTA(cfg, model)([copy.deepcopy(inp)])[0]["instances"]
+    halved = Instances(plain.image_size, pred_boxes=plain.pred_boxes, scores=plain.scores / 2,
+                       pred_classes=plain.pred_classes)  # fmt: skip
+    _assert_same(two, halved, exact=True)
+
+
+def test_merge_config_errors_name_the_key(model):
+    assert _cfg().TEST.AUG.MERGE == "suppress"  # today's behaviour stays the default
+    for key, value in (
+        ("MERGE", "nms"),
+        ("WBF.CONF_TYPE", "mean"),
+        ("WBF.IOU_THRESH", 1.5),
+        ("WBF.SKIP_THRESH", float("nan")),
+    ):
+        cfg = _wbf_cfg()
+        node, leaf = cfg.TEST.AUG, key
+        if "." in key:
+            node, leaf = cfg.TEST.AUG.WBF, key.split(".")[1]
+        setattr(node, leaf, value)
+        with pytest.raises(ValueError, match=f"cfg.TEST.AUG.{key}"):
+            HARRetinaNetWithTTA(cfg, model)

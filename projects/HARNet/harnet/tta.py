@@ -1,6 +1,7 @@
 """Test-time augmentation for HARRetinaNet (Detectron2's own TTA only serves R-CNN models)."""
 
 import copy
+import math
 from typing import Dict, List
 
 import numpy as np
@@ -14,7 +15,12 @@ from detectron2.modeling import DatasetMapperTTA
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, Instances
 
-__all__ = ["HARRetinaNetWithTTA"]
+from .layers.wbf import WBF_CONF_TYPES, weighted_boxes_fusion
+
+__all__ = ["HARRetinaNetWithTTA", "TTA_MERGES"]
+
+# How the views' detections are merged (cfg.TEST.AUG.MERGE).
+TTA_MERGES = ("suppress", "wbf")
 
 
 class HARRetinaNetWithTTA(nn.Module):
@@ -31,10 +37,17 @@ class HARRetinaNetWithTTA(nn.Module):
     back to the original image (inverse resize / flip), optionally selected by size
     (``TEST.AUG.SIZE_SELECT``: down-scaled views give no box smaller than ``SMALL_AREA``,
     up-scaled ones none larger than ``LARGE_AREA``, relative to the plain test scale
-    ``INPUT.MIN_SIZE_TEST``), concatenated, and suppressed once by ``model.suppress`` (the
-    model's NMS / soft-NMS / voting / detections-per-image settings). So overlapping
-    detections of different views are merged like those of one view, as the paper's
-    double-scale testing does.
+    ``INPUT.MIN_SIZE_TEST``), and merged as ``TEST.AUG.MERGE`` says:
+
+    - ``"suppress"`` (default): all views' candidates concatenated and suppressed once by
+      ``model.suppress`` (the model's NMS / soft-NMS / voting / detections-per-image
+      settings). So overlapping detections of different views are merged like those of
+      one view, as the paper's double-scale testing does.
+    - ``"wbf"``: each view's candidates suppressed by ``model.suppress`` on their own, then
+      clipped to the image with empty boxes dropped (the model's detections on that view,
+      in the original image), then fused across views by
+      :func:`harnet.layers.weighted_boxes_fusion` (``TEST.AUG.WBF.*``: IoU threshold,
+      skip threshold, score rule; every view weighs 1), best ``TEST.DETECTIONS_PER_IMAGE``.
     """
 
     def __init__(self, cfg, model, tta_mapper=None, batch_size: int = 3):
@@ -77,6 +90,12 @@ class HARRetinaNetWithTTA(nn.Module):
             self.small_area, self.large_area = small, large
         self.test_min_size = cfg.INPUT.MIN_SIZE_TEST
         self.test_max_size = cfg.INPUT.MAX_SIZE_TEST
+        self.merge = cfg.TEST.AUG.get("MERGE", "suppress")
+        if self.merge not in TTA_MERGES:
+            raise ValueError(f"cfg.TEST.AUG.MERGE must be one of {TTA_MERGES}, got {self.merge!r}")
+        if self.merge == "wbf":
+            self.wbf_params = _wbf_params_from_cfg(cfg)
+            self.max_detections = int(cfg.TEST.DETECTIONS_PER_IMAGE)
 
     @torch.no_grad()
     def forward(self, batched_inputs: List[Dict]) -> List[Dict[str, Instances]]:
@@ -115,14 +134,52 @@ class HARRetinaNetWithTTA(nn.Module):
             boxes.append(view_boxes[keep])
             scores.append(cand.scores[keep])
             classes.append(cand.pred_classes[keep])
-        merged = Instances(
-            (height, width),
-            pred_boxes=Boxes(torch.cat(boxes)),
-            scores=torch.cat(scores),
-            pred_classes=torch.cat(classes),
+        if self.merge == "wbf":
+            merged = self._fuse_views(boxes, scores, classes, (height, width))
+        else:
+            merged = self.model.suppress(
+                Instances(
+                    (height, width),
+                    pred_boxes=Boxes(torch.cat(boxes)),
+                    scores=torch.cat(scores),
+                    pred_classes=torch.cat(classes),
+                )
+            )
+        # As the model's own inference: clipping / empty-box removal after the merge.
+        return {"instances": detector_postprocess(merged, height, width)}
+
+    def _fuse_views(self, boxes, scores, classes, image_size) -> Instances:
+        """Each view's detections as the model's inference makes them (suppression,
+        clipping, empty boxes dropped), then weighted boxes fusion."""
+        per_view = [
+            detector_postprocess(
+                self.model.suppress(
+                    Instances(image_size, pred_boxes=Boxes(b), scores=s, pred_classes=c)
+                ),
+                *image_size,
+            )
+            for b, s, c in zip(boxes, scores, classes)
+        ]
+        device = boxes[0].device
+        view_ids = [
+            torch.full((len(d),), i, dtype=torch.long, device=device)
+            for i, d in enumerate(per_view)
+        ]
+        fused_boxes, fused_scores, fused_classes = weighted_boxes_fusion(
+            torch.cat([d.pred_boxes.tensor for d in per_view]),
+            torch.cat([d.scores for d in per_view]),
+            torch.cat([d.pred_classes for d in per_view]),
+            torch.cat(view_ids),
+            len(per_view),
+            **self.wbf_params,
         )
-        # As the model's own inference: suppression, then clipping / empty-box removal.
-        return {"instances": detector_postprocess(self.model.suppress(merged), height, width)}
+        k = self.max_detections  # the fused scores are sorted in decreasing order
+        return Instances(
+            image_size,
+            pred_boxes=Boxes(fused_boxes[:k]),
+            scores=fused_scores[:k],
+            pred_classes=fused_classes[:k],
+        )
 
     def _batches(self, views) -> List[List[int]]:
         """Indices of the views run together: at most ``batch_size``, all of one image size
@@ -163,3 +220,21 @@ class HARRetinaNetWithTTA(nn.Module):
         if view_short > test_short:  # up-scaled view: good at small objects only
             return area <= self.large_area
         return area >= self.small_area  # down-scaled view: good at large objects only
+
+
+def _wbf_params_from_cfg(cfg) -> dict:
+    """Keyword arguments of :func:`weighted_boxes_fusion` from ``cfg.TEST.AUG.WBF`` (the
+    paper's defaults where the config has no such node); bad values name the key."""
+    wbf = cfg.TEST.AUG.get("WBF", None)
+    iou = float(wbf.IOU_THRESH) if wbf is not None else 0.55
+    skip = float(wbf.SKIP_THRESH) if wbf is not None else 0.0
+    conf_type = wbf.CONF_TYPE if wbf is not None else "avg"
+    if not 0.0 <= iou <= 1.0:
+        raise ValueError(f"cfg.TEST.AUG.WBF.IOU_THRESH must be in [0, 1], got {iou}")
+    if not math.isfinite(skip):
+        raise ValueError(f"cfg.TEST.AUG.WBF.SKIP_THRESH must be a finite number, got {skip}")
+    if conf_type not in WBF_CONF_TYPES:
+        raise ValueError(
+            f"cfg.TEST.AUG.WBF.CONF_TYPE must be one of {WBF_CONF_TYPES}, got {conf_type!r}"
+        )
+    return dict(iou_threshold=iou, skip_threshold=skip, conf_type=conf_type)

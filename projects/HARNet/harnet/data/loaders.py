@@ -6,15 +6,15 @@ non-crowd annotations; :func:`filter_images_without_valid_boxes` also removes im
 boxes are all non-finite, zero-area or outside the image, and fails at loader-build time
 (before the first iteration) on malformed annotations, naming the file.
 """
+import functools
 import logging
 
-from detectron2.data import (
-    build_detection_test_loader,
-    build_detection_train_loader,
-    get_detection_dataset_dicts,
-)
+from detectron2.data import build_detection_test_loader, get_detection_dataset_dicts
+from detectron2.data.samplers import RepeatFactorTrainingSampler, TrainingSampler
+from detectron2.utils import comm
 
 from .mapper import HARNetDatasetMapper, sanitize_annotations
+from .samplers import ResumableTrainLoader
 
 __all__ = ["filter_images_without_valid_boxes", "build_harnet_train_loader",
            "build_harnet_test_loader"]
@@ -58,16 +58,36 @@ def filter_images_without_valid_boxes(dataset_dicts, num_classes=None, max_names
     return kept
 
 
+def _sampler_factory(cfg, dataset):
+    """``make_sampler(seed=...)`` for ``cfg.DATALOADER.SAMPLER_TRAIN`` (Detectron2's samplers)."""
+    name = cfg.DATALOADER.SAMPLER_TRAIN
+    if name == "TrainingSampler":
+        return functools.partial(TrainingSampler, len(dataset))
+    if name == "RepeatFactorTrainingSampler":
+        factors = RepeatFactorTrainingSampler.repeat_factors_from_category_frequency(
+            dataset, cfg.DATALOADER.REPEAT_THRESHOLD
+        )
+        return functools.partial(RepeatFactorTrainingSampler, factors)
+    raise ValueError(
+        f"DATALOADER.SAMPLER_TRAIN={name!r}: HARNet's training loader supports "
+        "'TrainingSampler' and 'RepeatFactorTrainingSampler'"
+    )
+
+
 def build_harnet_train_loader(cfg, mapper=None):
-    """``build_detection_train_loader`` with :class:`HARNetDatasetMapper` and, when
-    ``cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS``, :func:`filter_images_without_valid_boxes`.
+    """Detectron2's training data (dataset dicts, sampler, batching, aspect-ratio grouping)
+    with :class:`HARNetDatasetMapper`, :func:`filter_images_without_valid_boxes` (when
+    ``cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS``), and batches that are a function of
+    (``cfg.SEED``, iteration): see :class:`harnet.data.samplers.ResumableTrainLoader`
+    (set its ``start_iter`` to resume).
 
     Args:
-        cfg (CfgNode): a Detectron2/HARNet config.
+        cfg (CfgNode): a Detectron2/HARNet config. ``SEED < 0``: a random seed shared by
+            all processes (the trainer keeps it in its checkpoints).
         mapper (callable or None): defaults to ``HARNetDatasetMapper(cfg, is_train=True)``.
 
     Returns:
-        iterable[list[dict]]: Detectron2's infinite training loader.
+        ResumableTrainLoader: infinite iterable of this process's ``list[dict]`` batches.
     """
     filter_empty = cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
     dataset = get_detection_dataset_dicts(
@@ -82,7 +102,12 @@ def build_harnet_train_loader(cfg, mapper=None):
             raise ValueError(f"No training image with a valid box in {tuple(cfg.DATASETS.TRAIN)}")
     if mapper is None:
         mapper = HARNetDatasetMapper(cfg, is_train=True)
-    return build_detection_train_loader(cfg, mapper=mapper, dataset=dataset)
+    seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
+    return ResumableTrainLoader(
+        dataset, mapper, _sampler_factory(cfg, dataset), cfg.SOLVER.IMS_PER_BATCH, seed,
+        aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
+        num_workers=cfg.DATALOADER.NUM_WORKERS,
+    )
 
 
 def build_harnet_test_loader(cfg, dataset_name, mapper=None):

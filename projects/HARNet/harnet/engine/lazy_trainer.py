@@ -173,6 +173,7 @@ class LazyConfigTrainer(HARNetTrainer):
         self.checkpointer.resume_or_load(_select(self.cfg, "train.init_checkpoint", ""), resume=resume)
         if resume and self.checkpointer.has_checkpoint():
             self.start_iter = self.iter + 1
+        self._start_data_at(self.start_iter)
 
     def train(self):
         TrainerBase.train(self, self.start_iter, self.max_iter)

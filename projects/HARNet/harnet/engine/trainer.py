@@ -8,7 +8,11 @@ Differences from ``DefaultTrainer`` (everything else, hooks included, is inherit
   ``lr_factor`` attributes of the attention modules (SGD, Detectron2's optimizer), or
   AdamW on the same parameter groups (``SOLVER.OPTIMIZER``).
 - ``build_train_loader`` / ``build_test_loader``: :mod:`harnet.data.loaders` (Detectron2's
-  loaders with HARNet's checked mapper; images without a valid box dropped up front).
+  datasets and samplers with HARNet's checked mapper; images without a valid box dropped
+  up front). The training batches are a function of (seed, iteration)
+  (:class:`harnet.data.samplers.ResumableTrainLoader`): ``resume_or_load`` starts them at
+  the resumed iteration and the checkpoints keep the data seed, so ``--resume`` continues
+  with the very batches (images and augmentations) of an uninterrupted run.
 - ``test_with_TTA``: evaluation through :class:`harnet.tta.HARRetinaNetWithTTA`.
 - checkpoints also hold the optimizer state (``_trainer``), so ``--resume`` restores SGD's
   momentum; Detectron2 0.6's ``DefaultTrainer`` saves only the iteration and scheduler.
@@ -33,6 +37,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..data.loaders import build_harnet_test_loader, build_harnet_train_loader
+from ..data.samplers import ResumableTrainLoader
 from ..solver import build_optimizer, get_optimizer_params
 from .faults import (
     AtomicDetectionCheckpointer,
@@ -110,10 +115,36 @@ class HARNetTrainer(LossNormalizerStateMixin, DefaultTrainer):
         # would not continue the interrupted one. Later Detectron2 versions save it so.
         ret = super().state_dict()
         ret["_trainer"] = self._trainer.state_dict()
+        loader = self._resumable_loader()
+        if loader is not None:
+            ret["data_seed"] = loader.seed
         return ret
+
+    def _resumable_loader(self):
+        loader = self._trainer.data_loader
+        return loader if isinstance(loader, ResumableTrainLoader) else None
+
+    def resume_or_load(self, resume=True):
+        """``DefaultTrainer.resume_or_load``, then the training data start at
+        ``start_iter`` (the iteration after the checkpoint's when resuming)."""
+        super().resume_or_load(resume=resume)
+        self._start_data_at(self.start_iter)
+
+    def _start_data_at(self, start_iter):
+        loader = self._resumable_loader()
+        if loader is not None:
+            loader.start_iter = start_iter
+        elif start_iter > 0:
+            logging.getLogger(__name__).warning(
+                f"Resuming at iteration {start_iter} with a training loader that restarts "
+                "its data at the first batch: the run will not repeat an uninterrupted one"
+            )
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
+        loader = self._resumable_loader()
+        if loader is not None and "data_seed" in state_dict:
+            loader.seed = int(state_dict["data_seed"])
         if "_trainer" in state_dict:
             self._trainer.load_state_dict(state_dict["_trainer"])
         else:

@@ -1,10 +1,13 @@
 """box_voting / batched_box_voting: cases worked by hand for every scoring rule, and a slow loop
 written from the definitions on random sets."""
 
+import math
+
 import pytest
 import torch
 
 from harnet.layers import batched_box_voting, batched_soft_nms, box_voting
+from harnet.layers.box_voting import VOTING_SCORING_ALIASES, batched_box_voting_scriptable
 
 T = lambda *x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
 
@@ -101,7 +104,7 @@ def slow_box_voting(boxes, scores, idxs, cboxes, cscores, cidxs, thr, scoring):
     boxes, scores, idxs = boxes.tolist(), scores.tolist(), idxs.tolist()
     cboxes, cscores, cidxs = cboxes.tolist(), cscores.tolist(), cidxs.tolist()
     out_b, out_s = [list(b) for b in boxes], list(scores)
-    if scoring == "caffe":
+    if scoring in ("caffe", "unclaimed_top4"):
         claimed = [
             any(idxs[n] == cidxs[j] and _iou(boxes[n], cboxes[j]) == 1.0 for n in range(len(boxes)))
             for j in range(len(cboxes))
@@ -164,28 +167,61 @@ def test_matches_slow_definition_on_random_sets(scoring):
         torch.testing.assert_close(got_s, torch.tensor(ref_s, dtype=got_s.dtype))
 
 
-def test_blocked_iou_gives_the_same_result(monkeypatch):
-    import importlib
-
-    bv = importlib.import_module("harnet.layers.box_voting")  # the module, not the function
-
+def test_blocked_iou_gives_the_same_result():
     g = torch.Generator().manual_seed(1)
     n = 60
     xy = torch.rand(n, 2, generator=g) * 50
     cands = torch.cat([xy, xy + 10 + torch.rand(n, 2, generator=g) * 10], 1)
     cscores, cidxs = torch.rand(n, generator=g), torch.randint(4, (n,), generator=g)
     keep, ks = batched_soft_nms(cands, cscores, cidxs)
-    full = {
-        s: batched_box_voting(cands[keep], ks, cidxs[keep], cands, cscores, cidxs, 0.5, s)
-        for s in ("max", "caffe")
-    }
-    monkeypatch.setattr(bv, "_IOU_BLOCK_BUDGET", n * 3)  # 3 kept boxes per block
-    monkeypatch.setattr(bv, "_ROWS_PER_BLOCK", 4)  # blocks spanning category boundaries
-    for s, expected in full.items():
-        torch.testing.assert_close(
-            batched_box_voting(cands[keep], ks, cidxs[keep], cands, cscores, cidxs, 0.5, s),
-            expected,
-        )
+    args = (cands[keep], ks, cidxs[keep], cands, cscores, cidxs)
+    for s in ("max", "unclaimed_top4"):
+        for thr in (0.0, 0.5):
+            expected = batched_box_voting(*args, thr, s)
+            # 3 kept boxes' worth of IoUs per block, blocks spanning category boundaries.
+            blocked = batched_box_voting_scriptable(*args, thr, s, n * 3, 4)
+            torch.testing.assert_close(blocked, expected)  # float sums: other blocking
+
+
+def dense_scene(n, num_classes, seed):
+    """Crowded-scene candidates (as tools/benchmark_postprocess.py's dense case)."""
+    g = torch.Generator().manual_seed(seed)
+    num_clusters = max(1, n // 20)
+    centres = torch.rand(num_clusters, 2, generator=g) * torch.tensor([1333.0, 800.0])
+    cluster = torch.randint(num_clusters, (n,), generator=g)
+    ctr = centres[cluster] + torch.randn(n, 2, generator=g) * 15
+    wh = torch.exp(math.log(20) + math.log(15) * torch.rand(n, 2, generator=g))
+    boxes = torch.cat([ctr - wh / 2, ctr + wh / 2], dim=1).double()
+    scores = (0.05 + 0.95 * torch.rand(n, generator=g)).double()
+    return boxes, scores, torch.randint(num_classes, (num_clusters,), generator=g)[cluster]
+
+
+@pytest.mark.parametrize("scoring", ["max", "avg", "unclaimed_top4"])
+def test_dense_scene_matches_slow_definition(scoring):
+    # Hundreds of kept boxes among a thousand candidates: the (category, x1) windows must
+    # keep every voter, in one category and in several, at any threshold.
+    scripted = torch.jit.script(batched_box_voting_scriptable)
+    for n, num_classes, thr in ((1000, 1, 0.6), (600, 3, 0.0), (600, 3, 1.0), (600, 3, 0.9)):
+        cands, cscores, cidxs = dense_scene(n, num_classes, seed=n + num_classes)
+        if thr >= 0.9:  # exact copies (IoU 1 voters) or near copies
+            cands[1::7] = cands[0::7][: len(cands[1::7])] + (0.0 if thr == 1.0 else 0.5)
+        keep, kscores = batched_soft_nms(cands, cscores, cidxs, "gaussian", 0.5)
+        args = (cands[keep], kscores, cidxs[keep], cands, cscores, cidxs, thr)
+        got_b, got_s = batched_box_voting(*args, scoring)
+        ref_b, ref_s = slow_box_voting(*args, scoring)
+        torch.testing.assert_close(got_b, torch.tensor(ref_b, dtype=got_b.dtype))
+        torch.testing.assert_close(got_s, torch.tensor(ref_s, dtype=got_s.dtype))
+        assert thr == 1.0 or not torch.equal(got_b, cands[keep])  # voting moved boxes
+        torch.testing.assert_close(scripted(*args, scoring), (got_b, got_s), rtol=0, atol=0)
+
+
+def test_caffe_is_an_alias_of_unclaimed_top4():
+    kept, kept_scores = CANDS[[0, 4]], T(0.9, 0.4)
+    assert VOTING_SCORING_ALIASES == {"caffe": "unclaimed_top4"}
+    torch.testing.assert_close(
+        box_voting(kept, kept_scores, CANDS, CAND_SCORES, 0.6, "caffe"),
+        box_voting(kept, kept_scores, CANDS, CAND_SCORES, 0.6, "unclaimed_top4"),
+    )
 
 
 @pytest.mark.parametrize("scoring", ["max", "avg", "caffe"])

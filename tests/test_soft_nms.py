@@ -1,6 +1,7 @@
 """soft_nms / batched_soft_nms against a slow loop written from the definition, and hard mode
 against torchvision's NMS."""
 
+import functools
 import math
 
 import pytest
@@ -8,9 +9,33 @@ import torch
 from torchvision.ops import batched_nms, nms
 
 from harnet.layers import batched_soft_nms, soft_nms
-from harnet.layers.soft_nms import _greedy_soft_nms
+from harnet.layers import _soft_nms_numba
+from harnet.layers._soft_nms_torch import greedy_soft_nms_torch
+from harnet.layers.soft_nms import _by_decreasing_score, batched_soft_nms_scriptable
 
 METHODS = ("gaussian", "linear", "hard")
+NUMBA = _soft_nms_numba.available()
+# The greedy loop's implementations: the public function (numba on CPU when installed),
+# the PyTorch loop in Python, and the same loop compiled by TorchScript (export).
+BACKENDS = ("public", "torch", "torchscript")
+
+
+def run_backend(backend, boxes, scores, idxs, method, sigma, iou_threshold, score_threshold):
+    if backend == "public":
+        return batched_soft_nms(boxes, scores, idxs, method, sigma, iou_threshold, score_threshold)
+    fn = batched_soft_nms_scriptable
+    if backend == "torchscript":
+        fn = _scripted_soft_nms()
+    return fn(boxes, scores, idxs, method, float(sigma), float(iou_threshold), float(score_threshold))
+
+
+_SCRIPTED = []
+
+
+def _scripted_soft_nms():
+    if not _SCRIPTED:
+        _SCRIPTED.append(torch.jit.script(batched_soft_nms_scriptable))
+    return _SCRIPTED[0]
 
 
 def slow_soft_nms(boxes, scores, idxs, method, sigma, iou_threshold, score_threshold):
@@ -86,8 +111,9 @@ def assert_matches_reference(keep, new_scores, ref_keep, ref_scores):
     )
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("method", METHODS)
-def test_batched_matches_slow_definition(method):
+def test_batched_matches_slow_definition(method, backend):
     g = torch.Generator().manual_seed(1)
     sizes = [0, 1, 2, 3, 7, 12, 20, 33, 50] * 5
     for trial, n in enumerate(sizes):
@@ -95,9 +121,74 @@ def test_batched_matches_slow_definition(method):
             n, num_classes=1 + trial % 4, g=g, clustered=trial % 3 > 0
         )
         sigma, thr, min_score = (0.5, 0.3, 0.001) if trial % 2 else (0.2, 0.5, 0.05)
-        keep, new_scores = batched_soft_nms(boxes, scores, classes, method, sigma, thr, min_score)
+        keep, new_scores = run_backend(backend, boxes, scores, classes, method, sigma, thr, min_score)
         ref = slow_soft_nms(boxes, scores, classes, method, sigma, thr, min_score)
         assert_matches_reference(keep, new_scores, *ref)
+
+
+def dense_scene(n, num_classes=1, seed=0, dtype=torch.float32):
+    """Candidates of a crowded scene (as tools/benchmark_postprocess.py's dense case): a
+    1333 x 800 image, clusters of ~20 boxes, centres jittered by N(0, 15 px), sides
+    log-uniform in [20, 300] px, scores U(0.05, 1)."""
+    g = torch.Generator().manual_seed(seed)
+    num_clusters = max(1, n // 20)
+    centres = torch.rand(num_clusters, 2, generator=g) * torch.tensor([1333.0, 800.0])
+    cluster = torch.randint(num_clusters, (n,), generator=g)
+    ctr = centres[cluster] + torch.randn(n, 2, generator=g) * 15
+    wh = torch.exp(math.log(20) + math.log(15) * torch.rand(n, 2, generator=g))
+    boxes = torch.cat([ctr - wh / 2, ctr + wh / 2], dim=1)
+    scores = 0.05 + 0.95 * torch.rand(n, generator=g)
+    classes = torch.randint(num_classes, (num_clusters,), generator=g)[cluster]
+    return boxes.to(dtype), scores.to(dtype), classes
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("method", ("gaussian", "linear"))
+def test_dense_scene_matches_slow_definition(method, backend):
+    # One category with 1200 boxes: about a thousand greedy steps (the case numba is for).
+    boxes, scores, classes = dense_scene(1200)
+    keep, new_scores = run_backend(backend, boxes, scores, classes, method, 0.5, 0.5, 0.001)
+    ref = _dense_reference(method)
+    assert len(ref[0]) > 800
+    assert_matches_reference(keep, new_scores, *ref)
+
+
+@functools.lru_cache(maxsize=None)
+def _dense_reference(method):
+    boxes, scores, classes = dense_scene(1200)
+    return slow_soft_nms(boxes, scores, classes, method, 0.5, 0.5, 0.001)
+
+
+@pytest.mark.parametrize("method", ("gaussian", "linear"))
+def test_dense_scene_all_paths_agree(method):
+    # 4000 boxes, 1 and 80 categories: the compiled loop and the PyTorch loop (eager and
+    # TorchScript) keep the same boxes in the same order.
+    for num_classes in (1, 80):
+        boxes, scores, classes = dense_scene(4000, num_classes, seed=num_classes)
+        results = [
+            run_backend(b, boxes, scores, classes, method, 0.5, 0.5, 0.001) for b in BACKENDS
+        ]
+        for keep, new_scores in results[1:]:
+            assert torch.equal(keep, results[0][0])
+            torch.testing.assert_close(new_scores, results[0][1], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.skipif(not NUMBA, reason="numba is not installed")
+def test_public_function_uses_the_compiled_loop_on_cpu(monkeypatch):
+    # The dispatch itself: with numba the CPU path never runs the PyTorch loop, and with
+    # HARNET_SOFT_NMS_NUMBA=0 it does.
+    import importlib
+
+    module = importlib.import_module("harnet.layers.soft_nms")
+    calls = []
+    original = module.greedy_soft_nms_torch
+    monkeypatch.setattr(module, "greedy_soft_nms_torch", lambda *a: calls.append(1) or original(*a))
+    boxes, scores, classes = dense_scene(50)
+    batched_soft_nms(boxes, scores, classes)
+    assert calls == []
+    monkeypatch.setenv("HARNET_SOFT_NMS_NUMBA", "0")
+    batched_soft_nms(boxes, scores, classes)
+    assert calls == [1]
 
 
 @pytest.mark.parametrize("method", ("gaussian", "linear"))
@@ -124,16 +215,18 @@ def test_long_greedy_loop_with_compaction(method):
     assert_matches_reference(keep, new_scores, *ref)
 
 
-@pytest.mark.parametrize("pair_weights_budget", [0, 1 << 30])
+@pytest.mark.parametrize("pair_decays_budget", [0, 1 << 30])
 @pytest.mark.parametrize("method", METHODS)
-def test_greedy_loop_both_weight_paths(method, pair_weights_budget):
-    # Per-step IoU (budget 0) and precomputed pair weights give the definition's result.
+def test_greedy_loop_both_weight_paths(method, pair_decays_budget):
+    # Per-step IoU (budget 0) and precomputed pair decays give the definition's result.
     g = torch.Generator().manual_seed(4)
     for n in (1, 9, 60):
         boxes, scores, classes = random_set(n, g=g)
-        cand = torch.arange(n)
-        keep, new_scores = _greedy_soft_nms(
-            boxes, scores, classes, cand, method, 0.5, 0.4, 0.01, pair_weights_budget
+        cand = torch.nonzero(scores >= 0.01).squeeze(1)
+        keep, new_scores = _by_decreasing_score(
+            *greedy_soft_nms_torch(
+                boxes, scores, classes, cand, method, 0.5, 0.4, 0.01, pair_decays_budget
+            )
         )
         ref = slow_soft_nms(boxes, scores, classes, method, 0.5, 0.4, 0.01)
         assert_matches_reference(keep, new_scores, *ref)
@@ -150,11 +243,14 @@ def test_hard_equals_torchvision_nms(iou_threshold):
         )
         assert keep.tolist() == nms(boxes, scores, iou_threshold).tolist()
         assert torch.equal(new_scores, scores[keep])
-        loop_keep, loop_scores = _greedy_soft_nms(
-            boxes, scores, classes, torch.arange(n), "hard", 0.5, iou_threshold, 0.0
-        )
-        assert loop_keep.tolist() == batched_nms(boxes, scores, classes, iou_threshold).tolist()
-        assert torch.equal(loop_scores, scores[loop_keep])
+        # The greedy loops themselves with method "hard" (the public path uses torchvision).
+        expected = batched_nms(boxes, scores, classes, iou_threshold).tolist()
+        loops = [greedy_soft_nms_torch] + ([_soft_nms_numba.greedy_soft_nms_numba] if NUMBA else [])
+        for loop in loops:
+            args = (boxes, scores, classes, torch.arange(n), "hard", 0.5, iou_threshold, 0.0)
+            loop_keep, loop_scores = _by_decreasing_score(*loop(*args))
+            assert loop_keep.tolist() == expected
+            torch.testing.assert_close(loop_scores, scores[loop_keep], rtol=0, atol=0, check_dtype=False)
 
 
 def test_hard_with_score_threshold_is_nms_of_the_boxes_above_it():
@@ -209,13 +305,16 @@ def test_decay_semantics_worked_by_hand():
     assert keep.tolist() == [0, 2, 1]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("method", METHODS)
-def test_huge_coordinates_do_not_overflow(method):
+def test_huge_coordinates_do_not_overflow(method, backend):
     # float32 areas of boxes ~1e24 overflow; results must match the (float64) definition.
     g = torch.Generator().manual_seed(9)
     boxes, scores, classes = random_set(40, g=g)
     boxes = boxes * 1e23
-    keep, new_scores = batched_soft_nms(boxes.float(), scores.float(), classes, method, 0.5, 0.3)
+    keep, new_scores = run_backend(
+        backend, boxes.float(), scores.float(), classes, method, 0.5, 0.3, 0.001
+    )
     ref_keep, ref_scores = slow_soft_nms(boxes, scores, classes, method, 0.5, 0.3, 0.001)
     assert keep.tolist() == ref_keep
     torch.testing.assert_close(new_scores, torch.tensor(ref_scores, dtype=torch.float32))

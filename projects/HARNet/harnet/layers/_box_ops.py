@@ -1,47 +1,75 @@
-"""Small box helpers shared by soft-NMS and box voting (private)."""
+"""Box helpers shared by soft-NMS, box voting and box fusion (private).
 
-import math
+The tensor functions are TorchScript-compatible: the post-processing that uses them is
+scripted for export (see :mod:`harnet.layers.postprocess`).
+"""
+
+from typing import List
 
 import torch
 from torch import Tensor
 
 
-def elementwise_iou(a: Tensor, b: Tensor) -> Tensor:
-    """IoU of broadcastable box tensors ``a[..., 4]`` and ``b[..., 4]`` (x1, y1, x2, y2).
+def plane_iou(
+    x1: Tensor,
+    y1: Tensor,
+    x2: Tensor,
+    y2: Tensor,
+    area: Tensor,
+    ox1: Tensor,
+    oy1: Tensor,
+    ox2: Tensor,
+    oy2: Tensor,
+    other_area: Tensor,
+) -> Tensor:
+    """IoU of boxes given as broadcastable coordinate planes (the one IoU implementation).
 
     Same arithmetic as ``torchvision.ops.box_iou`` (continuous coordinates, no +1), except
-    that two zero-area boxes have IoU 0 instead of NaN.
+    that two zero-area boxes have IoU 0 instead of NaN. Separate contiguous planes, not
+    strided ``(..., 4)`` views: elementwise ops on those are several times slower.
+
+    Args:
+        x1, y1, x2, y2, area: the first boxes' coordinates and areas.
+        ox1, oy1, ox2, oy2, other_area: the second boxes', broadcastable with the first.
 
     Returns:
-        Tensor[...]: the broadcast shape of ``a`` and ``b`` without the last dimension.
+        Tensor: the IoUs, in the broadcast shape, dtype of the inputs.
     """
-    lt = torch.maximum(a[..., :2], b[..., :2])
-    rb = torch.minimum(a[..., 2:], b[..., 2:])
-    wh = (rb - lt).clamp_(min=0)
-    inter = wh[..., 0] * wh[..., 1]
-    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
-    area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
-    union = area_a + area_b - inter
-    # union == 0 only when both boxes are empty; then inter == 0 too and IoU is 0.
-    return inter / torch.where(union > 0, union, torch.ones_like(union))
-
-
-def pairwise_iou(a: Tensor, b: Tensor) -> Tensor:
-    """IoU matrix ``Tensor[N, M]`` between ``a: Tensor[N, 4]`` and ``b: Tensor[M, 4]``
-    (same values as :func:`elementwise_iou`)."""
-    # One contiguous vector per coordinate: ops on strided (..., 4) views are much slower.
-    a, b = a.t().contiguous(), b.t().contiguous()
-    inter = torch.minimum(a[2, :, None], b[2]).sub_(torch.maximum(a[0, :, None], b[0]))
-    ih = torch.minimum(a[3, :, None], b[3]).sub_(torch.maximum(a[1, :, None], b[1]))
-    inter = inter.clamp_(min=0).mul_(ih.clamp_(min=0))
-    area_a = (a[2] - a[0]) * (a[3] - a[1])
-    area_b = (b[2] - b[0]) * (b[3] - b[1])
-    union = (area_a[:, None] + area_b).sub_(inter)
+    inter = torch.minimum(x2, ox2).sub_(torch.maximum(x1, ox1)).clamp_(min=0)
+    inter.mul_(torch.minimum(y2, oy2).sub_(torch.maximum(y1, oy1)).clamp_(min=0))
+    union = (area + other_area).sub_(inter)
     # union == 0 only when both boxes are empty; then inter == 0 too and IoU is 0.
     return inter.div_(union.masked_fill_(union == 0, 1.0))
 
 
-def pow2_scale(*boxes: Tensor) -> float:
+def box_area(boxes: Tensor) -> Tensor:
+    """Areas ``Tensor[...]`` of boxes ``Tensor[..., 4]`` (x1, y1, x2, y2)."""
+    return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+
+
+def elementwise_iou(a: Tensor, b: Tensor) -> Tensor:
+    """IoU of broadcastable box tensors ``a[..., 4]`` and ``b[..., 4]`` (x1, y1, x2, y2).
+
+    Returns:
+        Tensor[...]: the broadcast shape of ``a`` and ``b`` without the last dimension
+        (values of :func:`plane_iou`).
+    """
+    a_area, b_area = box_area(a), box_area(b)
+    return plane_iou(a[..., 0], a[..., 1], a[..., 2], a[..., 3], a_area,
+                     b[..., 0], b[..., 1], b[..., 2], b[..., 3], b_area)  # fmt: skip
+
+
+def pairwise_iou(a: Tensor, b: Tensor) -> Tensor:
+    """IoU matrix ``Tensor[N, M]`` between ``a: Tensor[N, 4]`` and ``b: Tensor[M, 4]``
+    (values of :func:`plane_iou`)."""
+    a, b = a.t().contiguous(), b.t().contiguous()
+    a_area = ((a[2] - a[0]) * (a[3] - a[1]))[:, None]
+    b_area = (b[2] - b[0]) * (b[3] - b[1])
+    return plane_iou(a[0, :, None], a[1, :, None], a[2, :, None], a[3, :, None], a_area,
+                     b[0], b[1], b[2], b[3], b_area)  # fmt: skip
+
+
+def pow2_scale(boxes: List[Tensor]) -> float:
     """A power of two to multiply the given boxes' coordinates with, so that areas cannot
     overflow in float32: 1 for any sane input, else ``s`` with ``|coordinate| * s <= 1``.
 
@@ -50,10 +78,17 @@ def pow2_scale(*boxes: Tensor) -> float:
     originals bit for bit. Coordinates beyond ~1e19 would otherwise give infinite areas,
     NaN IoUs and weights outside [0, 1].
     """
-    m = max((float(b.abs().max()) for b in boxes if b.numel()), default=0.0)
-    return 2.0 ** -math.frexp(m)[1] if m > 2.0**60 else 1.0
+    m = 0.0
+    for b in boxes:
+        if b.numel() > 0:
+            m = max(m, float(b.abs().max()))
+    if m <= 2.0**60:
+        return 1.0
+    exponent = int(torch.frexp(torch.tensor(m, dtype=torch.float64)).exponent)
+    return 2.0 ** (-exponent)
 
 
+# ---------------------------------------------------------------- input checks (eager only)
 def check_boxes(boxes: Tensor, name: str = "boxes") -> None:
     """Raise ``ValueError`` naming ``name`` unless it is a finite float Tensor[N, 4] of
     well-formed boxes (x1 <= x2, y1 <= y2)."""
@@ -84,6 +119,19 @@ def check_scores(scores: Tensor, num: int, name: str = "scores", boxes_name: str
         raise TypeError(f"{name} must be a floating point tensor, got {scores.dtype}")
     if scores.numel() and not bool(torch.isfinite(scores).all()):
         raise ValueError(f"{name} contains non-finite values (inf or nan)")
+
+
+def check_category_indices(idxs: Tensor, num: int, name: str = "idxs", boxes_name: str = "boxes"):
+    """Raise unless ``idxs`` is an integer Tensor[num] (one category per box)."""
+    if not isinstance(idxs, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(idxs).__name__}")
+    if idxs.dim() != 1 or idxs.shape[0] != num:
+        raise ValueError(
+            f"{name} must have shape [N] with N = len({boxes_name}) = {num}, "
+            f"got {list(idxs.shape)}"
+        )
+    if idxs.is_floating_point() or idxs.is_complex() or idxs.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {idxs.dtype}")
 
 
 def check_same_device(**tensors) -> None:

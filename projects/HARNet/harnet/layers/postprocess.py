@@ -13,16 +13,21 @@ With nms_type="hard" and voting=False it must equal Detectron2 RetinaNet's
 `batched_nms(boxes, scores, classes, iou_threshold)[:max_detections]`.
 """
 
+import warnings
 from typing import Tuple
 
 import torch
 from torch import Tensor
 from torchvision.ops import batched_nms
 
-from .box_voting import VOTING_SCORINGS, batched_box_voting
-from .soft_nms import SOFT_NMS_METHODS, batched_soft_nms
+from .box_voting import (
+    batched_box_voting,
+    batched_box_voting_scriptable,
+    canonical_voting_scoring,
+)
+from .soft_nms import SOFT_NMS_METHODS, batched_soft_nms, batched_soft_nms_scriptable
 
-__all__ = ["suppress_detections", "postprocess_params_from_cfg"]
+__all__ = ["suppress_detections", "suppress_detections_scriptable", "postprocess_params_from_cfg"]
 
 
 def suppress_detections(
@@ -44,6 +49,10 @@ def suppress_detections(
     Suppresses duplicate detections of one image, per category: (soft-)NMS, then optional
     box voting, then the best ``max_detections``.
 
+    Under ``torch.jit.trace`` (exporting a detector), it calls the TorchScript-compiled
+    :func:`suppress_detections_scriptable` instead: the trace records a call to it, so the
+    exported detector runs the greedy loop on images of any size (see ``harnet.export``).
+
     Args:
         boxes (Tensor[N, 4]): candidate boxes ``(x1, y1, x2, y2)``.
         scores (Tensor[N]): their scores (probabilities).
@@ -57,7 +66,7 @@ def suppress_detections(
             candidates.
         voting_iou (float): box voting's IoU threshold.
         voting_scoring (str): box voting's scoring rule (``"max"``, ``"keep"``, ``"avg"``,
-            ``"caffe"``).
+            ``"unclaimed_top4"`` or its alias ``"caffe"``).
         max_detections (int): keep at most this many detections (the best scores).
         min_score (float): then drop detections scoring below it (0 keeps all; the
             authors' released test keeps scores >= 0.05).
@@ -70,10 +79,16 @@ def suppress_detections(
     """
     if nms_type not in SOFT_NMS_METHODS:
         raise ValueError(f"nms_type must be one of {SOFT_NMS_METHODS}, got {nms_type!r}")
-    if voting and voting_scoring not in VOTING_SCORINGS:
-        raise ValueError(f"voting_scoring must be one of {VOTING_SCORINGS}, got {voting_scoring!r}")
+    if voting:
+        voting_scoring = canonical_voting_scoring(voting_scoring, "voting_scoring")
     if int(max_detections) < 0:
         raise ValueError(f"max_detections must be >= 0, got {max_detections}")
+    if torch.jit.is_tracing():
+        return scripted_suppress_detections()(
+            boxes, scores, classes, nms_type, float(iou_threshold), float(soft_nms_sigma),
+            float(soft_nms_min_score), bool(voting), float(voting_iou), voting_scoring,
+            int(max_detections), float(min_score),
+        )  # fmt: skip
     if nms_type == "hard":
         keep = batched_nms(boxes, scores, classes, iou_threshold)
         new_scores = scores[keep]
@@ -91,29 +106,72 @@ def suppress_detections(
     if voting:
         # Vote with all kept boxes: the new scores can change which ones make the top K.
         kept_boxes, new_scores = batched_box_voting(
-            kept_boxes,
-            new_scores,
-            kept_classes,
-            boxes,
-            scores,
-            classes,
-            iou_threshold=voting_iou,
-            scoring=voting_scoring,
+            kept_boxes, new_scores, kept_classes, boxes, scores, classes, voting_iou, voting_scoring
         )
-        if voting_scoring != "keep":
-            new_scores, order = torch.sort(new_scores, descending=True, stable=True)
-            kept_boxes, kept_classes = kept_boxes[order], kept_classes[order]
-    kept_boxes = kept_boxes[:max_detections]
-    new_scores = new_scores[:max_detections]
-    kept_classes = kept_classes[:max_detections]
+    return _best_detections(
+        kept_boxes, new_scores, kept_classes, voting and voting_scoring != "keep", int(max_detections), float(min_score)
+    )
+
+
+def suppress_detections_scriptable(
+    boxes: Tensor,
+    scores: Tensor,
+    classes: Tensor,
+    nms_type: str,
+    iou_threshold: float,
+    soft_nms_sigma: float,
+    soft_nms_min_score: float,
+    voting: bool,
+    voting_iou: float,
+    voting_scoring: str,
+    max_detections: int,
+    min_score: float,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """:func:`suppress_detections` without argument checks (``voting_scoring`` canonical)
+    and with PyTorch ops only (no numba): TorchScript-compatible, the same detections."""
+    if nms_type == "hard":
+        keep = batched_nms(boxes, scores, classes, iou_threshold)
+        new_scores = scores[keep]
+    else:
+        keep, new_scores = batched_soft_nms_scriptable(
+            boxes, scores, classes, nms_type, soft_nms_sigma, iou_threshold, soft_nms_min_score
+        )
+    kept_boxes, kept_classes = boxes[keep], classes[keep]
+    if voting:
+        kept_boxes, new_scores = batched_box_voting_scriptable(
+            kept_boxes, new_scores, kept_classes, boxes, scores, classes, voting_iou, voting_scoring
+        )
+    return _best_detections(
+        kept_boxes, new_scores, kept_classes, voting and voting_scoring != "keep", max_detections, min_score
+    )
+
+
+_scripted = None
+
+
+def scripted_suppress_detections():
+    """:func:`suppress_detections_scriptable` compiled by ``torch.jit.script`` (once)."""
+    global _scripted
+    if _scripted is None:
+        with warnings.catch_warnings():  # torch >= 2.10 marks TorchScript deprecated
+            warnings.simplefilter("ignore", FutureWarning)
+            _scripted = torch.jit.script(suppress_detections_scriptable)
+    return _scripted
+
+
+def _best_detections(
+    boxes: Tensor, scores: Tensor, classes: Tensor, resort: bool, max_detections: int, min_score: float
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """The best ``max_detections`` (re-sorted by score after voting changed scores), then
+    those scoring at least ``min_score`` (if > 0)."""
+    if resort:
+        scores, order = torch.sort(scores, descending=True, stable=True)
+        boxes, classes = boxes[order], classes[order]
+    boxes, scores, classes = boxes[:max_detections], scores[:max_detections], classes[:max_detections]
     if min_score > 0:
-        above = new_scores >= min_score
-        kept_boxes, new_scores, kept_classes = (
-            kept_boxes[above],
-            new_scores[above],
-            kept_classes[above],
-        )
-    return kept_boxes, new_scores, kept_classes
+        above = scores >= min_score
+        boxes, scores, classes = boxes[above], scores[above], classes[above]
+    return boxes, scores, classes
 
 
 def postprocess_params_from_cfg(cfg) -> dict:
@@ -177,12 +235,7 @@ def postprocess_params_from_cfg(cfg) -> dict:
         "in [0, 1]",
         pp.VOTING.IOU_THRESH,
     )
-    _check(
-        pp.VOTING.SCORING in VOTING_SCORINGS,
-        key + "VOTING.SCORING",
-        f"one of {VOTING_SCORINGS}",
-        pp.VOTING.SCORING,
-    )
+    canonical_voting_scoring(pp.VOTING.SCORING, "cfg." + key + "VOTING.SCORING")
     params.update(
         nms_type=pp.NMS_TYPE,
         soft_nms_sigma=float(pp.SOFT_NMS_SIGMA),

@@ -46,15 +46,24 @@ def test_fallback_unknown_attribute_is_attribute_error():
         fallback.no_such_op
 
 
-@pytest.mark.skipif(detectron2_install_mode() != "fallback", reason="Detectron2 has compiled ops")
-def test_installed_detectron2_C_is_the_fallback():
+def test_installed_detectron2_C_matches_install_mode():
+    # Per version: the fallback's _C names the ops it lacks; a compiled _C has them. With
+    # angle 0, rotated IoU is the axis-aligned IoU (torchvision's box_iou as reference).
     import detectron2._C as C
-
-    assert getattr(C, "HARNET_FALLBACK", False)
     from detectron2.layers.rotated_boxes import pairwise_iou_rotated
+    from torchvision.ops import box_iou
 
-    with pytest.raises(RuntimeError, match="box_iou_rotated"):
-        pairwise_iou_rotated(torch.zeros(1, 5), torch.zeros(1, 5))
+    xyxy = torch.tensor([[0.0, 0, 10, 10], [5, 5, 15, 25]])
+    rotated = torch.cat([(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2],
+                         torch.zeros(2, 1)], dim=1)
+    if detectron2_install_mode() == "fallback":
+        assert getattr(C, "HARNET_FALLBACK", False)
+        with pytest.raises(RuntimeError, match="box_iou_rotated"):
+            pairwise_iou_rotated(rotated, rotated)
+    else:
+        assert detectron2_install_mode() == "compiled"
+        assert not getattr(C, "HARNET_FALLBACK", False)
+        torch.testing.assert_close(pairwise_iou_rotated(rotated, rotated), box_iou(xyxy, xyxy))
 
 
 def _deform_inputs(dg=2):

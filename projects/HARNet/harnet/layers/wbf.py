@@ -12,12 +12,14 @@ so that a box found by one view only loses confidence.
 
 The greedy assignment is sequential (every box changes the fused box it joins), but
 categories are independent, so all of them advance together: step ``k`` assigns the
-``k``-th best box of every category, as a handful of tensor ops over that category's
+``k``-th best box of every category, as about 25 small tensor ops over that category's
 clusters so far. The loop runs as many steps as the largest category has boxes, not as
-many as the image has, and categories are ordered by their number of boxes so that the
-ones still running at step ``k`` are a prefix (plain slicing, no compaction). Everything
-that does not steer the assignment (cluster sizes, weight sums, views present, maxima) is
-computed once after the loop from the recorded assignment.
+many as the image has (COCO-like detections: about 10 steps for 3 views x 100 boxes; the
+worst case, every box in one category, is one step per box), and categories are ordered by
+their number of boxes so that the ones still running at step ``k`` are a prefix (plain
+slicing, no compaction). Everything that does not steer the assignment (cluster sizes,
+weight sums, views present, maxima) is computed once after the loop from the recorded
+assignment.
 """
 
 from typing import Optional, Sequence, Tuple, Union
@@ -81,8 +83,8 @@ def weighted_boxes_fusion(
 
     Returns:
         boxes (Tensor[K, 4]): the fused boxes, dtype and device of ``boxes``.
-        scores (Tensor[K]): their scores, sorted in decreasing order (ties: the category
-            with more boxes first, then the older cluster).
+        scores (Tensor[K]): their scores, sorted in decreasing order (ties in a
+            deterministic order).
         classes (Tensor[K]): their categories, int64.
     """
     w = _check_inputs(
@@ -181,6 +183,8 @@ def _to_grid(boxes, weighted, box_w, views, classes) -> dict:
         active=active,
         valid=grid(torch.ones_like(weighted, dtype=torch.bool)),
         boxes=grid(boxes, 4),
+        # Each box's contribution to its cluster's sums: (c x1, c y1, c x2, c y2, c).
+        contribution=grid(torch.cat([boxes * weighted[:, None], weighted[:, None]], 1), 5),
         weighted=grid(weighted),
         box_w=grid(box_w),
         views=grid(views),
@@ -196,39 +200,47 @@ def _cluster(grid: dict, iou_threshold: float):
         assign (Tensor[R, L] int64): cluster slot of each grid box (padding: 0).
         num_clusters (Tensor[R] int64): clusters per row.
     """
-    boxes, weighted = grid["boxes"], grid["weighted"]
-    num_rows, length = weighted.shape
+    boxes, contribution = grid["boxes"], grid["contribution"]
+    num_rows, length = boxes.shape[:2]
     device = boxes.device
     # Step 0: every row's best box starts cluster 0 (exactly that box, as any new cluster).
+    # Unused slots hold zero boxes: IoU 0 with any box (all have positive area), so they
+    # never match and need no mask.
     fused = torch.zeros_like(boxes)
     fused[:, 0] = boxes[:, 0]
-    sum_cb = torch.zeros_like(boxes)
-    sum_cb[:, 0] = boxes[:, 0] * weighted[:, :1]
-    sum_c = torch.zeros_like(weighted)
-    sum_c[:, 0] = weighted[:, 0]
+    sums = torch.zeros_like(contribution)  # per cluster: (sum c x1, ..., sum c y2, sum c)
+    sums[:, 0] = contribution[:, 0]
     assign = torch.zeros((num_rows, length), dtype=torch.long, device=device)
     num_clusters = torch.ones(num_rows, dtype=torch.long, device=device)
-    flat_cb, flat_fused, flat_c = sum_cb.view(-1, 4), fused.view(-1, 4), sum_c.view(-1)
+    flat_sums, flat_fused = sums.view(-1, 5), fused.view(-1, 4)
+    fused_lo, fused_hi = fused[..., :2], fused[..., 2:]
     row_start = torch.arange(num_rows, device=device) * length
-    slots = torch.arange(length, device=device)
+    # Per-step inputs sliced once, outside the loop: every op call counts at these sizes.
+    area = ((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1]))[..., None]
+    step_box = boxes.unbind(1)
+    step_lo, step_hi = boxes[..., None, :2].unbind(1), boxes[..., None, 2:].unbind(1)
+    step_area, step_contribution = area.unbind(1), contribution.unbind(1)
 
     for k in range(1, length):
-        a = grid["active"][k]  # rows with a k-th box
-        box, c, n = boxes[:a, k], weighted[:a, k], num_clusters[:a]
-        # Row r has at most k clusters before step k: only slots [0, k) can match.
-        iou = elementwise_iou(box[:, None], fused[:a, :k])
-        iou = iou.masked_fill(slots[:k] >= n[:, None], -1.0)
-        best_iou, best = iou.max(dim=1)
+        a = grid["active"][k]  # rows with a k-th box: a prefix
+        # IoU with the row's clusters so far (at most k: slots [0, k)).
+        f_lo, f_hi = fused_lo[:a, :k], fused_hi[:a, :k]
+        inter = torch.minimum(step_hi[k][:a], f_hi)
+        inter = inter.sub_(torch.maximum(step_lo[k][:a], f_lo)).clamp_(min=0).prod(dim=-1)
+        union = (f_hi - f_lo).prod(dim=-1).add_(step_area[k][:a]).sub_(inter)
+        best_iou, best = inter.div_(union).max(dim=1)
         matched = best_iou > iou_threshold
+        n = num_clusters[:a]
         target = torch.where(matched, best, n)
         flat = row_start[:a] + target
-        flat_cb.index_add_(0, flat, box * c[:, None])
-        flat_c.index_add_(0, flat, c)
-        mean = flat_cb[flat] / flat_c[flat][:, None]
-        flat_fused[flat] = torch.where(matched[:, None], mean, box)
+        flat_sums.index_add_(0, flat, step_contribution[k][:a])
+        total = flat_sums[flat]
+        flat_fused[flat] = torch.where(
+            matched[:, None], total[:, :4] / total[:, 4:], step_box[k][:a]
+        )
         assign[:a, k] = target
-        num_clusters[:a] += ~matched
-    return fused, sum_c, assign, num_clusters
+        n += ~matched
+    return fused, sums[..., 4], assign, num_clusters
 
 
 def _cluster_scores(grid, sum_c, assign, w, conf_type) -> Tensor:

@@ -198,3 +198,133 @@ def test_check_harnet_config_accepts_shipped_configs(config_file):
     harnet.add_harnet_config(cfg)
     cfg.merge_from_file(os.path.join(CONFIG_DIR, config_file))
     check_harnet_config(cfg)
+
+
+# --- issue 17: every mistake named before any work ------------------------------------
+DEMO_PY = os.path.join(CONFIG_DIR, "demo", "har_R18_shapes_demo.py")
+
+
+@pytest.mark.parametrize("opts, key", [
+    (["SOLVER.MAX_ITER", "-5"], "SOLVER.MAX_ITER"),
+    (["SOLVER.MAX_ITER", "0"], "SOLVER.MAX_ITER"),
+    (["SOLVER.CHECKPOINT_PERIOD", "0"], "SOLVER.CHECKPOINT_PERIOD"),
+    (["SOLVER.STEPS", "(-1,)"], "SOLVER.STEPS"),
+])
+def test_impossible_schedule_names_key(tmp_path, opts, key):
+    # Before: "Total num_updates must be greater than length of param schedule" from the
+    # lr scheduler, when the trainer was built.
+    with pytest.raises(ValueError, match=_key_re(key)):
+        _build_config(tmp_path, opts=opts)
+
+
+def test_schedule_not_checked_for_eval_only(tmp_path):
+    path = tmp_path / "user.yaml"
+    path.write_text(f'_BASE_: "{os.path.join(CONFIG_DIR, "har_R_50_FPN_1x.yaml")}"\n' + _TINY)
+    args = argument_parser().parse_args(["--config-file", str(path), "SOLVER.MAX_ITER", "0"])
+    assert build_config(args, purpose="eval").SOLVER.MAX_ITER == 0
+
+
+@pytest.mark.parametrize("opts, key", [
+    (["TEST.AUG.MIN_SIZES", "()"], "TEST.AUG.MIN_SIZES"),
+    (["TEST.AUG.MIN_SIZES", "('a',)"], "TEST.AUG.MIN_SIZES"),
+    (["TEST.AUG.MIN_SIZES", "(0, 100)"], "TEST.AUG.MIN_SIZES"),
+    (["TEST.AUG.MAX_SIZE", "0"], "TEST.AUG.MAX_SIZE"),
+    (["TEST.AUG.MERGE", "'vote'"], "TEST.AUG.MERGE"),
+    (["TEST.AUG.MERGE", "'wbf'", "TEST.AUG.WBF.IOU_THRESH", "1.5"], "TEST.AUG.WBF.IOU_THRESH"),
+])
+def test_bad_tta_settings_fail_when_the_config_is_built(tmp_path, opts, key):
+    # Before: torch.cat / AssertionError / PIL errors after the whole plain evaluation.
+    opts = ["TEST.AUG.ENABLED", "True"] + opts
+    with pytest.raises(ValueError, match=_key_re(key)):
+        _build_config(tmp_path, opts=opts)
+    _build_config(tmp_path, opts=opts[2:])  # TTA off: the settings are unused
+
+
+def test_demo_config_tta_sizes_fit_its_images():
+    args = argument_parser().parse_args(
+        ["--config-file", os.path.join(CONFIG_DIR, "demo", "har_R18_shapes_demo.yaml")])
+    cfg = build_config(args, purpose="draw")
+    # Detectron2's defaults are 400-1200 px; the demo's images are 128-160 px.
+    assert max(cfg.TEST.AUG.MIN_SIZES) <= 2 * cfg.INPUT.MIN_SIZE_TEST
+    assert cfg.TEST.AUG.MAX_SIZE <= 2 * cfg.INPUT.MAX_SIZE_TEST
+
+
+@pytest.mark.parametrize("override, error, words", [
+    ("train.max_iters=10", KeyError, ["train.max_iters", "did you mean train.max_iter"]),
+    ("foo.bar=1", KeyError, ["foo.bar"]),
+    ("train.max_iter=abc", ValueError, ["train.max_iter", "int", "'abc'"]),
+    ("optimizer.lr=fast", ValueError, ["optimizer.lr"]),
+    ("train.amp.enabled=1", ValueError, ["train.amp.enabled", "bool"]),
+    ("train.max_iter", ValueError, ["key=value"]),
+])
+def test_lazy_config_overrides_are_checked(override, error, words):
+    # Before: unknown keys were added silently; max_iter=abc failed in the lr scheduler.
+    args = argument_parser().parse_args(["--config-file", DEMO_PY, override])
+    with pytest.raises(error) as e:
+        build_config(args)
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
+
+
+def test_lazy_config_valid_overrides_apply():
+    args = argument_parser().parse_args(
+        ["--config-file", DEMO_PY, "train.max_iter=10", "optimizer.lr=1", "train.output_dir=x"])
+    cfg = build_config(args)
+    assert (cfg.train.max_iter, cfg.optimizer.lr, cfg.train.output_dir) == (10, 1, "x")
+    with pytest.raises(ValueError, match="train.max_iter"):
+        build_config(argument_parser().parse_args(["--config-file", DEMO_PY, "train.max_iter=0"]))
+
+
+def _coco_json(tmp_path):
+    import json
+
+    (tmp_path / "imgs").mkdir(exist_ok=True)
+    path = tmp_path / "my.json"
+    path.write_text(json.dumps({"images": [], "annotations": [],
+                                "categories": [{"id": 1, "name": "a"}]}))
+    return str(path), str(tmp_path / "imgs")
+
+
+@pytest.mark.parametrize("name", ["harnet_shapes_val", "coco_2017_val"])
+def test_register_coco_of_a_registered_name_fails_naming_it(tmp_path, name):
+    # Before: silently ignored (harnet_shapes_val: the built-in set was evaluated).
+    json_file, root = _coco_json(tmp_path)
+    args = argument_parser().parse_args(
+        ["--config-file", DEMO_PY, "--register-coco", name, json_file, root])
+    with pytest.raises(ValueError, match=f"--register-coco {name} .*already registered"):
+        build_config(args)
+
+
+def test_register_coco_twice_in_one_process(tmp_path):
+    from detectron2.data import DatasetCatalog
+
+    json_file, root = _coco_json(tmp_path)
+    name = f"issue17_{os.getpid()}_{tmp_path.name}"
+    argv = ["--config-file", DEMO_PY, "--register-coco", name, json_file, root]
+    try:
+        build_config(argument_parser().parse_args(argv))
+        build_config(argument_parser().parse_args(argv))  # same files again: fine
+        other, _ = _coco_json(tmp_path / "..")
+        with pytest.raises(ValueError, match="earlier --register-coco"):
+            build_config(argument_parser().parse_args(argv[:4] + [other, root]))
+        with pytest.raises(ValueError, match="given 2 times"):
+            build_config(argument_parser().parse_args(argv + argv[2:]))
+    finally:
+        DatasetCatalog.remove(name)
+
+
+def test_commands_check_only_the_datasets_they_use(tmp_path):
+    # Before: --eval-only and visualize --input needed DATASETS.TRAIN's files.
+    path = tmp_path / "user.yaml"
+    path.write_text(f'_BASE_: "{os.path.join(CONFIG_DIR, "har_R_50_FPN_1x.yaml")}"\n' + _TINY)
+    json_file, root = _coco_json(tmp_path)
+    argv = ["--config-file", str(path), "--register-coco", f"issue17_val_{tmp_path.name}",
+            json_file, root, "DATASETS.TRAIN", "('coco_2017_train',)",
+            "DATASETS.TEST", f"('issue17_val_{tmp_path.name}',)"]
+    with pytest.raises(FileNotFoundError, match="coco_2017_train"):
+        build_config(argument_parser().parse_args(argv))
+    assert build_config(argument_parser().parse_args(argv), purpose="eval")
+    argv[-1] = "('coco_2017_val',)"
+    with pytest.raises(FileNotFoundError, match="coco_2017_val"):
+        build_config(argument_parser().parse_args(argv), purpose="eval")
+    assert build_config(argument_parser().parse_args(argv), purpose="draw")

@@ -163,7 +163,11 @@ def test_harnet_train_loader_resumes_its_batches(tmp_path):
 
 
 @pytest.mark.slow
+@torch.jit.optimized_execution(False)
 def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path):
+    # TorchScript's profiling executor optimises Detectron2's scripted Box2BoxTransform
+    # after its first calls, which changes the last bits of the first iterations' losses:
+    # two uninterrupted runs in one process differ by ~1e-4 after 10 iterations with it.
     root = str(tmp_path / "shapes")
     straight, broken = str(tmp_path / "straight"), str(tmp_path / "broken")
     _trainer(root, straight, 10, resume=False).train()

@@ -14,7 +14,7 @@ builders (``harnet.modeling``), which know the shapes.
 import math
 import numbers
 
-__all__ = ["check_harnet_config"]
+__all__ = ["check_harnet_config", "check_solver_config", "check_test_aug_config"]
 
 
 def _fail(key, expected, value):
@@ -83,3 +83,55 @@ def check_harnet_config(cfg):
     weights = list(c.LOSS_WEIGHTS)
     if len(weights) != 2 or not all(_is_real(w) and w >= 0 for w in weights):
         _fail(k + "LOSS_WEIGHTS", "two finite numbers >= 0 (predictors A and B)", c.LOSS_WEIGHTS)
+
+
+def check_solver_config(cfg):
+    """Raise ``ValueError`` naming the key for a training schedule that cannot run
+    (Detectron2 fails later, e.g. ``MAX_ITER <= 0`` in its lr scheduler, without naming
+    the key): ``MAX_ITER``, ``IMS_PER_BATCH`` and ``CHECKPOINT_PERIOD`` positive ints,
+    ``STEPS`` and ``WARMUP_ITERS`` ints >= 0, ``BASE_LR`` a finite number >= 0. (Steps
+    beyond ``MAX_ITER`` stay a Detectron2 warning.)"""
+    sv = cfg.SOLVER
+    _positive_int("SOLVER.MAX_ITER", sv.MAX_ITER)
+    _positive_int("SOLVER.IMS_PER_BATCH", sv.IMS_PER_BATCH)
+    _positive_int("SOLVER.CHECKPOINT_PERIOD", sv.CHECKPOINT_PERIOD)
+    if not all(_is_int(x) and x >= 0 for x in sv.STEPS):
+        _fail("SOLVER.STEPS", "a list of ints >= 0", sv.STEPS)
+    _finite("SOLVER.BASE_LR", sv.BASE_LR, minimum=0)
+    if not (_is_int(sv.WARMUP_ITERS) and sv.WARMUP_ITERS >= 0):
+        _fail("SOLVER.WARMUP_ITERS", "an int >= 0", sv.WARMUP_ITERS)
+    two = sv.get("TWO_STEP", None)
+    if two is not None and two.ENABLED:
+        _positive_int("SOLVER.TWO_STEP.STEP1_MAX_ITER", two.STEP1_MAX_ITER)
+
+
+def check_test_aug_config(cfg):
+    """Raise ``ValueError`` naming the key for a ``TEST.AUG`` (test-time augmentation)
+    setting that would fail only when the augmented evaluation runs, after the plain one:
+    ``MIN_SIZES`` a non-empty list of positive ints, ``MAX_SIZE`` a positive int, ``FLIP``
+    a bool, and HARNet's ``MERGE`` / ``SIZE_SELECT`` / ``WBF`` (see :mod:`harnet.tta`).
+    Nothing is checked when ``TEST.AUG.ENABLED`` is false."""
+    aug = cfg.TEST.AUG
+    if not aug.ENABLED:
+        return
+    sizes = aug.MIN_SIZES
+    if not (isinstance(sizes, (list, tuple)) and sizes and all(_is_int(x) and x > 0 for x in sizes)):
+        _fail("TEST.AUG.MIN_SIZES", "a non-empty list of positive ints (short sides)", sizes)
+    _positive_int("TEST.AUG.MAX_SIZE", aug.MAX_SIZE)
+    if not isinstance(aug.FLIP, bool):
+        _fail("TEST.AUG.FLIP", "a bool", aug.FLIP)
+    from .tta import TTA_MERGES  # late: tta imports the model code
+
+    merge = aug.get("MERGE", "suppress")
+    if merge not in TTA_MERGES:
+        _fail("TEST.AUG.MERGE", f"one of {TTA_MERGES}", merge)
+    select = aug.get("SIZE_SELECT", None)
+    if select is not None and select.ENABLED:
+        for key in ("SMALL_AREA", "LARGE_AREA"):
+            _finite("TEST.AUG.SIZE_SELECT." + key, select[key], minimum=0)
+        if select.SMALL_AREA > select.LARGE_AREA:
+            _fail("TEST.AUG.SIZE_SELECT.SMALL_AREA", "<= LARGE_AREA", select.SMALL_AREA)
+    if merge == "wbf":
+        from . import tta
+
+        tta._wbf_params_from_cfg(cfg)  # raises naming the TEST.AUG.WBF key

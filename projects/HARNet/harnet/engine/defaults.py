@@ -3,6 +3,8 @@
 Kept in the package so that ``train_net.py`` stays a thin entry point and so that tests
 and other scripts can call :func:`main` directly.
 """
+import ast
+import difflib
 import json
 import logging
 import os
@@ -13,15 +15,19 @@ from detectron2.engine import default_argument_parser, default_setup, hooks
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
+from detectron2.utils.logger import setup_logger
 
 from ..config import add_harnet_config
-from ..data import check_datasets_from_cfg, register_shapes_from_cfg
+from ..config_checks import check_solver_config, check_test_aug_config
+from ..data import check_dataset_files, register_shapes_from_cfg
 from .faults import AtomicDetectionCheckpointer
 from .lazy_trainer import LazyConfigTrainer
+from .lock import OutputDirInUseError, OutputDirLock
 from .trainer import HARNetTrainer
 from .two_step import train_two_step
 
-__all__ = ["argument_parser", "build_config", "setup", "main", "register_datasets_from_args", "is_lazy_config"]
+__all__ = ["argument_parser", "build_config", "setup", "main", "register_datasets_from_args",
+           "is_lazy_config", "apply_checked_overrides", "lock_output_dir", "setup_harnet_logger"]
 
 logger = logging.getLogger("harnet.engine")
 
@@ -60,16 +66,41 @@ def is_lazy_config(path):
     return path.endswith(".py")
 
 
+# name -> (json, image root) of the datasets registered by --register-coco in this process.
+_REGISTERED_FROM_ARGS = {}
+
+
 def register_datasets_from_args(args):
-    """Register the ``--register-coco`` datasets (in every worker process)."""
+    """Register the ``--register-coco`` datasets (in every worker process).
+
+    Raises:
+        ValueError: naming a NAME that is given twice, or that is already registered
+            (a built-in dataset such as ``harnet_shapes_val`` or ``coco_2017_val``, or an
+            earlier ``--register-coco`` in this process with other files).
+    """
     from detectron2.data import DatasetCatalog
 
     from ..data import register_coco_format
 
-    for name, json_file, image_root in getattr(args, "register_coco", None) or []:
+    triples = getattr(args, "register_coco", None) or []
+    names = [name for name, _, _ in triples]
+    for name in names:
+        if names.count(name) > 1:
+            raise ValueError(f"--register-coco {name}: the name is given {names.count(name)} times")
+    for name, json_file, image_root in triples:
+        files = (os.path.abspath(json_file), os.path.abspath(image_root))
+        if _REGISTERED_FROM_ARGS.get(name) == files:
+            continue  # the same registration again in this process (main() called twice)
         if name in DatasetCatalog.list():
-            continue  # already registered in this process (e.g. main() called twice)
+            what = ("registered by an earlier --register-coco with other files"
+                    if name in _REGISTERED_FROM_ARGS else "a built-in dataset name")
+            raise ValueError(
+                f"--register-coco {name} {json_file} {image_root}: a dataset named {name!r} "
+                f"is already registered ({what}); choose another NAME and use it in "
+                "DATASETS.TRAIN/TEST"
+            )
         register_coco_format(name, json_file, image_root)
+        _REGISTERED_FROM_ARGS[name] = files
 
 
 def _cpu_fallback(device, what):
@@ -79,13 +110,27 @@ def _cpu_fallback(device, what):
     return device
 
 
-def build_config(args):
+_PURPOSES = {"train": ("TRAIN", "TEST"), "eval": ("TEST",), "draw": ()}
+
+
+def build_config(args, purpose="train"):
     """The config of ``args`` (yacs ``.yaml`` or LazyConfig ``.py``), with the command-line
-    overrides applied and the datasets it needs registered; no logging setup.
+    overrides applied (LazyConfig overrides checked: :func:`apply_checked_overrides`) and
+    the datasets it needs registered; no logging setup. Everything that can be checked
+    before any work is checked here, naming the key or path.
+
+    Args:
+        purpose (str): what the command does, hence what must be valid now:
+            "train": ``DATASETS.TRAIN`` and ``DATASETS.TEST`` files, the schedule
+            (:func:`check_solver_config`), ``TEST.AUG``; "eval" (``--eval-only``): the
+            ``DATASETS.TEST`` files and ``TEST.AUG``; "draw" (images given on the command
+            line): no dataset.
 
     Returns:
         CfgNode (frozen) or omegaconf.DictConfig
     """
+    if purpose not in _PURPOSES:
+        raise ValueError(f"build_config: purpose={purpose!r}, expected one of {tuple(_PURPOSES)}")
     if not args.config_file:
         raise ValueError("--config-file is required")
     if not os.path.isfile(args.config_file):
@@ -95,9 +140,12 @@ def build_config(args):
         if getattr(args, "two_step", False):
             raise ValueError("--two-step needs a yacs (.yaml) config: it toggles cfg.MODEL.HARNET.*")
         cfg = LazyConfig.load(args.config_file)
-        cfg = LazyConfig.apply_overrides(cfg, args.opts or [])
+        cfg = apply_checked_overrides(cfg, args.opts or [])
         if "train" in cfg:
             cfg.train.device = _cpu_fallback(cfg.train.get("device", "cpu"), "train.device")
+            max_iter = cfg.train.get("max_iter", None)
+            if purpose == "train" and not (isinstance(max_iter, int) and not isinstance(max_iter, bool) and max_iter > 0):
+                raise ValueError(f"train.max_iter must be a positive int, got {max_iter!r}")
         return cfg
     cfg = get_cfg()
     add_harnet_config(cfg)
@@ -107,20 +155,113 @@ def build_config(args):
     if getattr(args, "two_step", False):
         cfg.SOLVER.TWO_STEP.ENABLED = True
     cfg.freeze()
+    if purpose == "train":
+        check_solver_config(cfg)
+    if purpose != "draw":
+        check_test_aug_config(cfg)
     # The built-in shapes datasets with this config's DATASETS.SHAPES settings; then fail
-    # early, naming the path, when a dataset's files are missing (e.g. COCO not under
-    # $DETECTRON2_DATASETS).
+    # early, naming the path, when a dataset the command uses has missing files (e.g. COCO
+    # not under $DETECTRON2_DATASETS).
     register_shapes_from_cfg(cfg)
-    check_datasets_from_cfg(cfg)
+    check_dataset_files([name for key in _PURPOSES[purpose] for name in cfg.DATASETS[key]])
     return cfg
 
 
-def setup(args):
+def apply_checked_overrides(cfg, overrides):
+    """``LazyConfig.apply_overrides`` that rejects, naming the key, an override of a key
+    the config does not have (``train.max_iters=10``) or of a different type than the
+    config's value (``train.max_iter=abc``; an int is accepted for a float, anything for
+    a None value).
+
+    Args:
+        cfg (omegaconf.DictConfig): a loaded LazyConfig.
+        overrides (list[str]): ``key=value`` strings.
+    """
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    missing = object()
+    for o in overrides:
+        key, sep, text = o.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"LazyConfig override {o!r} is not of the form key=value")
+        old = OmegaConf.select(cfg, key, default=missing, throw_on_missing=False)
+        if old is missing:
+            parent, _, leaf = key.rpartition(".")
+            node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
+            keys = list(node.keys()) if isinstance(node, DictConfig) else []
+            close = difflib.get_close_matches(leaf, [str(k) for k in keys], n=3)
+            hint = f"; did you mean {', '.join(parent + '.' + c if parent else c for c in close)}?" if close else ""
+            raise KeyError(f"LazyConfig override {o!r}: the config has no key {key!r}{hint}")
+        try:
+            new = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            new = text  # Detectron2 keeps unparsable values as strings
+        if not _override_type_ok(old, new, (DictConfig, ListConfig)):
+            raise ValueError(
+                f"LazyConfig override {o!r}: {key} is {type(old).__name__} ({old!r}) in the "
+                f"config, got {type(new).__name__} {new!r}"
+            )
+    return LazyConfig.apply_overrides(cfg, overrides)
+
+
+def _override_type_ok(old, new, containers):
+    if old is None or new is None:
+        return True
+    if isinstance(old, bool) or isinstance(new, bool):
+        return isinstance(old, bool) and isinstance(new, bool)
+    if isinstance(old, float):
+        return isinstance(new, (int, float))
+    if isinstance(old, int):
+        return isinstance(new, int)
+    if isinstance(old, str):
+        return isinstance(new, str)
+    if isinstance(old, (list, tuple)) or type(old).__name__ == "ListConfig":
+        return isinstance(new, (list, tuple))
+    if isinstance(old, containers):  # a sub-config (e.g. a LazyCall): only a dict replaces it
+        return isinstance(new, dict)
+    return True  # other objects (classes, functions): Detectron2's own rules apply
+
+
+def setup(args, purpose="train"):
     """:func:`build_config` plus Detectron2's ``default_setup`` (logging, config dump into
-    the output folder, seeds)."""
-    cfg = build_config(args)
+    the output folder, seeds) and HARNet's loggers (:func:`setup_harnet_logger`)."""
+    cfg = build_config(args, purpose)
     default_setup(cfg, args)
+    setup_harnet_logger(cfg)
     return cfg
+
+
+def output_dir_of(cfg):
+    return cfg.OUTPUT_DIR if isinstance(cfg, CfgNode) else cfg.train.output_dir
+
+
+def setup_harnet_logger(cfg):
+    """Route the ``harnet.*`` loggers like Detectron2's: console on the main process,
+    ``OUTPUT_DIR/log.txt`` (``log.txt.rank<N>`` on other ranks), timestamps, on every rank
+    (``default_setup`` only sets up the ``detectron2`` and ``fvcore`` loggers)."""
+    setup_logger(output_dir_of(cfg), distributed_rank=comm.get_rank(), name="harnet",
+                 abbrev_name="harnet")
+
+
+def lock_output_dir(cfg):
+    """Take :class:`OutputDirLock` of the run's output folder on the main process; every
+    process raises :class:`OutputDirInUseError` when it is held by another live run.
+
+    Returns:
+        OutputDirLock or None (other processes).
+    """
+    lock, error = None, None
+    if comm.is_main_process():
+        try:
+            lock = OutputDirLock(output_dir_of(cfg)).acquire()
+        except OutputDirInUseError as e:
+            error = str(e)
+    if comm.get_world_size() > 1:
+        error = comm.all_gather(error)[0]
+    if error is not None:
+        raise OutputDirInUseError(error)
+    return lock
 
 
 def _eval_only(cfg, args, trainer_cls):
@@ -161,14 +302,29 @@ def write_eval_results(results, output_dir):
 def main(args):
     """Train (or with ``--eval-only`` evaluate) as ``args`` says; runs in every worker.
 
+    Training locks ``OUTPUT_DIR`` (:func:`lock_output_dir`) before writing anything there.
+
     Returns:
         the evaluation results (dict) on the main process.
     """
-    cfg = setup(args)
+    purpose = "eval" if args.eval_only else "train"
+    cfg = build_config(args, purpose)
     trainer_cls = LazyConfigTrainer if not isinstance(cfg, CfgNode) else HARNetTrainer
     if args.eval_only:
+        default_setup(cfg, args)
+        setup_harnet_logger(cfg)
         return _eval_only(cfg, args, trainer_cls)
+    lock = lock_output_dir(cfg)
+    try:
+        default_setup(cfg, args)
+        setup_harnet_logger(cfg)
+        return _train(cfg, args, trainer_cls)
+    finally:
+        if lock is not None:
+            lock.release()
 
+
+def _train(cfg, args, trainer_cls):
     def add_tta_hook(_step, trainer):
         if isinstance(cfg, CfgNode) and trainer.cfg.TEST.AUG.ENABLED:
             trainer.register_hooks(

@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import pickle
+import re
 import weakref
 
 import torch
@@ -43,6 +44,7 @@ __all__ = [
     "non_finite_parameters",
     "check_finite_losses",
     "LossNormalizerStateMixin",
+    "remove_stale_temp_files",
 ]
 
 logger = logging.getLogger(__name__)
@@ -129,6 +131,8 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
     def __init__(self, model, save_dir="", *, save_to_disk=None, **checkpointables):
         super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
         self.path_manager = _AtomicWritePathManager(self.path_manager)
+        if self.save_dir and self.save_to_disk:
+            remove_stale_temp_files(self.save_dir)
 
     def save(self, name, **kwargs):
         """Like ``Checkpointer.save``; raises ``FloatingPointError`` (saving nothing) when a
@@ -147,16 +151,27 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
     def _load_file(self, filename):
         if filename.endswith((".pkl", ".pyth")):
             # Pickle formats (Detectron2/Caffe2 model zoo, pycls): code may run while loading.
-            return super()._load_file(filename)
+            try:
+                return super()._load_file(filename)
+            except Exception as e:
+                raise CorruptCheckpointError(
+                    f"Checkpoint {filename} cannot be read as a Detectron2 model-zoo pickle: "
+                    f"{type(e).__name__}: {e}"
+                ) from e
+        _check_checkpoint_format(filename)
         try:
             loaded = torch.load(filename, map_location=torch.device("cpu"), weights_only=True)
         except pickle.UnpicklingError as e:
+            if "Unsupported global" not in str(e):  # torch's wording for unsafe objects
+                raise CorruptCheckpointError(
+                    f"Checkpoint {filename} is corrupt (not a valid PyTorch pickle): {e}"
+                ) from e
             raise CorruptCheckpointError(
                 f"Checkpoint {filename} holds Python objects other than tensors, numbers, "
                 "strings and containers, so it cannot be loaded with torch.load("
                 f"weights_only=True): {e}"
             ) from e
-        except (RuntimeError, EOFError, OSError, ValueError) as e:
+        except Exception as e:  # torch raises anything from a damaged file (Key/IndexError...)
             raise CorruptCheckpointError(
                 f"Checkpoint {filename} cannot be read (truncated or corrupt?): "
                 f"{type(e).__name__}: {e}"
@@ -165,6 +180,67 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
             raise CorruptCheckpointError(f"Checkpoint {filename} holds a {type(loaded).__name__}, "
                                          "expected a dict")
         return loaded if "model" in loaded else {"model": loaded}
+
+
+def _check_checkpoint_format(filename):
+    """Raise ``CorruptCheckpointError`` naming ``filename`` unless it starts like a file
+    of ``torch.save``: a zip archive (``PK\\x03\\x04``, the default since PyTorch 1.6) or
+    a pickle (protocol >= 2 starts with ``\\x80``, the legacy format)."""
+    with open(filename, "rb") as f:
+        head = f.read(8)
+    if not head:
+        raise CorruptCheckpointError(f"Checkpoint {filename} is empty (0 bytes)")
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        raise CorruptCheckpointError(
+            f"Checkpoint {filename} is not a PyTorch checkpoint: it is neither a zip archive "
+            f"nor a pickle (it starts with {head!r})"
+        )
+
+
+_TMP_NAME = re.compile(r"^\.(?P<base>.+)\.tmp-(?P<pid>\d+)$")
+
+
+def remove_stale_temp_files(folder):
+    """Remove the temporary files (``.<name>.tmp-<pid>``) that :class:`_AtomicFile` leaves
+    when its process is killed during a save, in ``folder``; files of live processes (a
+    save in progress) are kept.
+
+    Returns:
+        list[str]: the removed paths.
+    """
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        m = _TMP_NAME.match(name)
+        if m is None or _pid_alive(int(m.group("pid"))):
+            continue
+        path = os.path.join(folder, name)
+        try:
+            size = os.path.getsize(path)
+            os.remove(path)
+        except OSError:
+            continue
+        removed.append(path)
+        logger.warning(
+            f"Removed {path} ({size} bytes): a partial write of {m.group('base')} by process "
+            f"{m.group('pid')}, which no longer runs"
+        )
+    return removed
+
+
+def _pid_alive(pid):
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, another user's
+    return True
 
 
 def check_finite_losses(loss_dict, iteration):

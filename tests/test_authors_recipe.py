@@ -522,3 +522,21 @@ def test_authors_lazy_twin_matches_the_yaml(authors_yaml_and_lazy):
     assert [sched(x / 90000) for x in (0, 59999, 60000, 89999)] == pytest.approx([1, 1, 0.1, 0.1])
     aug = lazy_cfg.dataloader.train.mapper.augmentations[0]
     assert tuple(aug.short_edge_length) == tuple(cfg.INPUT.MIN_SIZE_TRAIN) and aug.max_size == 1500
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("MODEL.HARNET.INIT", "msra"),
+        ("MODEL.HARNET.LOSS.NORMALIZER", "per_image"),
+        ("MODEL.HARNET.LOSS.PER_LEVEL_MIN", -1.0),
+        ("MODEL.HARNET.CANDIDATES.MODE", "caffe"),
+        ("MODEL.HARNET.CANDIDATES.MIN_SIZE", -8.0),
+        ("SOLVER.BIAS_EXCEPTIONS", "caffe"),
+    ],
+)
+def test_bad_recipe_values_name_the_key(key, value):
+    cfg = _authors_tiny()
+    cfg.merge_from_list([key, value])
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        build_optimizer(cfg, build_model(cfg))

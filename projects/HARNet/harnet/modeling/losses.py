@@ -51,7 +51,10 @@ def per_level_normalized_losses(
     least 1), one loss layer per level. The box loss uses the same normaliser (the
     authors' anchor-target layer that sets the smooth-L1 weights is not released).
 
-    The normaliser depends on the batch only (no running state), and is at least
+    "The batch" is the batch of one process (the authors: 2 images per GPU, each GPU with
+    its own normalisers, gradients averaged), so IMS_PER_BATCH / number of processes = 2
+    reproduces their setting. The normaliser depends on the batch only (no running state),
+    and is at least
     ``max(min_normalizer, 1)`` so a level without positives adds its (background-only)
     focal loss divided by that, never a division by zero.
 

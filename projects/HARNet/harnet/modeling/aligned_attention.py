@@ -3,7 +3,7 @@ import fvcore.nn.weight_init as weight_init
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torchvision.ops import DeformConv2d
+from torchvision.ops import DeformConv2d, deform_conv2d
 
 from .init import init_aligned_attention_
 
@@ -101,9 +101,22 @@ class AlignedAttention(nn.Module):
                 f"got {tuple(x.shape)}"
             )
         a = F.relu(self.norm1(self.conv1(x)))
-        out = F.relu(self.norm2(self.conv2(a, self._safe_offsets(self.conv2_offset(a)))))
+        out = F.relu(self.norm2(self._deform(a, self._safe_offsets(self.conv2_offset(a)))))
         out = F.relu(self.norm3(self.conv3(out)))
         return x + out
+
+    def _deform(self, a: Tensor, offset: Tensor) -> Tensor:
+        # torchvision's deform_conv2d has no CPU kernel for float16/bfloat16, and casts to
+        # float32 under CUDA autocast only: run it in float32 for reduced-precision inputs
+        # on every device and return the input's dtype, as CUDA autocast does.
+        c = self.conv2
+        dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
+        if a.dtype == offset.dtype == c.weight.dtype == dtype:
+            return c(a, offset)
+        with torch.autocast(a.device.type, enabled=False):
+            out = deform_conv2d(a.to(dtype), offset.to(dtype), c.weight.to(dtype), stride=c.stride,
+                                padding=c.padding, dilation=c.dilation)  # fmt: skip
+        return out.to(a.dtype)
 
     @staticmethod
     def _safe_offsets(offset: Tensor) -> Tensor:

@@ -4,6 +4,7 @@ optimizer's learning-rate factors."""
 import contextlib
 import copy
 import logging
+import os
 
 import pytest
 import torch
@@ -211,3 +212,90 @@ def test_get_optimizer_params_without_factors_equals_detectron2():
         for g in groups
     )
     assert as_sets(ours) == as_sets(theirs)
+
+
+# --- issue 17: unreadable checkpoints named, stale partial writes removed --------------
+def _bad_checkpoints(folder):
+    """name -> (bytes, words the error must hold)."""
+    import io
+    import zipfile
+
+    good = io.BytesIO()
+    torch.save({"model": {"w": torch.zeros(3)}}, good)
+    good = good.getvalue()
+    assert zipfile.is_zipfile(io.BytesIO(good))
+    rng = torch.Generator().manual_seed(0)
+    random_bytes = bytes(torch.randint(0, 256, (2000,), generator=rng, dtype=torch.uint8).tolist())
+    return {
+        "text.pth": (b"model weights are elsewhere\n" * 10, ["not a PyTorch checkpoint"]),
+        "random.pth": (b"\x13" + random_bytes, ["not a PyTorch checkpoint"]),
+        "random_pickle_head.pth": (b"\x80\x02" + random_bytes, ["corrupt"]),
+        "empty.pth": (b"", ["empty"]),
+        "truncated.pth": (good[: len(good) // 2], ["truncated or corrupt"]),
+    }
+
+
+@pytest.mark.parametrize("name", ["text.pth", "random.pth", "random_pickle_head.pth",
+                                  "empty.pth", "truncated.pth"])
+def test_unreadable_checkpoint_error_names_file_and_problem(tmp_path, name):
+    # Before: a text file gave "IndexError: pop from empty list" (no file name), random
+    # bytes "holds Python objects other than tensors".
+    from harnet.engine.faults import AtomicDetectionCheckpointer, CorruptCheckpointError
+
+    data, words = _bad_checkpoints(tmp_path)[name]
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(CorruptCheckpointError) as e:
+        AtomicDetectionCheckpointer(nn.Linear(3, 1)).load(str(path))
+    msg = str(e.value)
+    assert str(path) in msg
+    for w in words:
+        assert w in msg, msg
+    assert "Python objects other than tensors" not in msg
+
+
+def test_checkpoint_with_code_objects_is_named_as_such(tmp_path):
+    from harnet.engine.faults import AtomicDetectionCheckpointer, CorruptCheckpointError
+
+    path = tmp_path / "unsafe.pth"
+    torch.save({"model": {"w": torch.zeros(3)}, "obj": contextlib.ExitStack()}, path)
+    with pytest.raises(CorruptCheckpointError, match="Python objects other than tensors"):
+        AtomicDetectionCheckpointer(nn.Linear(3, 1)).load(str(path))
+
+
+def test_stale_partial_checkpoint_writes_are_removed(tmp_path):
+    # Before: a kill during a save left .model_*.pth.tmp-<pid> (up to the checkpoint's size)
+    # that nothing removed.
+    import subprocess
+    import sys
+
+    from harnet.engine.faults import AtomicDetectionCheckpointer
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead_pid = int(dead.stdout)
+    stale = tmp_path / f".model_0000009.pth.tmp-{dead_pid}"
+    stale.write_bytes(b"\0" * 1000)
+    live = tmp_path / f".model_0000019.pth.tmp-{os.getppid()}"  # a live process's save
+    live.write_bytes(b"\0")
+    other = tmp_path / ".notes.tmp"  # not ours
+    other.write_bytes(b"\0")
+    records = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = records.append
+    logging.getLogger("harnet.engine.faults").addHandler(handler)
+    try:
+        ckpt = AtomicDetectionCheckpointer(nn.Linear(3, 1), save_dir=str(tmp_path))
+    finally:
+        logging.getLogger("harnet.engine.faults").removeHandler(handler)
+    assert not stale.exists()
+    assert live.exists() and other.exists()
+    logs = [r.getMessage() for r in records]
+    assert any(str(stale) in m and "1000 bytes" in m for m in logs), logs
+    # A reader (no saving) removes nothing.
+    stale.write_bytes(b"\0")
+    AtomicDetectionCheckpointer(nn.Linear(3, 1), save_dir=str(tmp_path), save_to_disk=False)
+    assert stale.exists()
+    ckpt.save("model_0000001")
+    assert (tmp_path / "model_0000001.pth").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".model_0000001")] == []

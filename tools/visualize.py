@@ -12,6 +12,11 @@ Writes <image>_detections.png (Detectron2's Visualizer, boxes scoring >= --score
 and <image>_attention.png (the image, then the mask of each pyramid level as a colour map:
 blue = 0, red = 1) for each image. Works with yacs and LazyConfig (.py) configs; the
 weights come from MODEL.WEIGHTS (yacs) or train.init_checkpoint (LazyConfig).
+
+Only the drawn dataset must exist (none with --input). An image that cannot be read is
+skipped; the others are drawn, the failures listed at the end, and the exit status is 1.
+When the dataset names fewer (or more) classes than the model predicts, detections are
+labelled by class index, with a warning.
 """
 import sys
 

@@ -163,10 +163,26 @@ def dataset_inputs(name: str) -> List[Dict]:
     return DatasetCatalog.get(name)
 
 
+def class_names_for(model, metadata, source="the dataset"):
+    """The metadata to label ``model``'s classes with: ``metadata`` when its
+    ``thing_classes`` has one name per class of the model, else (with a warning naming
+    both counts) an empty one, so that detections are labelled by class index (Detectron2's
+    ``Visualizer`` would fail on a class index beyond the names)."""
+    names = getattr(metadata, "thing_classes", None) if metadata is not None else None
+    num_classes = getattr(model, "num_classes", None)
+    if names is None or num_classes is None or len(names) == num_classes:
+        return metadata
+    logger.warning(
+        f"{source} has {len(names)} class names but the model predicts {num_classes} "
+        "classes: detections are labelled by class index"
+    )
+    return MetadataCatalog.get("__harnet_class_index_labels")
+
+
 @torch.no_grad()
 def visualize(
     model, mapper, records: Sequence[Dict], output_dir: str, metadata=None,
-    score_thresh: float = 0.3, max_images: Optional[int] = None,
+    score_thresh: float = 0.3, max_images: Optional[int] = None, errors: Optional[list] = None,
 ) -> List[str]:
     """Run ``model`` on ``records`` and write ``<name>_detections.png`` and (when the model
     has spatial attention) ``<name>_attention.png`` for each into ``output_dir``.
@@ -180,6 +196,9 @@ def visualize(
         metadata: Metadata for class names (default: empty).
         score_thresh (float): detections drawn from this score.
         max_images (int or None): at most this many records (the first ones).
+        errors (list or None): if given, an image that cannot be read or mapped (OSError,
+            ValueError) is appended as ``(file_name, message)`` and the others are still
+            drawn; else the error is raised.
 
     Returns:
         list[str]: the written files.
@@ -199,8 +218,15 @@ def visualize(
     written = []
     try:
         for record in tqdm(records, desc="visualize", unit="img"):
-            inputs = _mapped(mapper, record)
-            image = utils.read_image(record["file_name"], format="RGB")
+            try:
+                inputs = _mapped(mapper, record)
+                image = utils.read_image(record["file_name"], format="RGB")
+            except (OSError, ValueError) as e:
+                if errors is None:
+                    raise
+                errors.append((record["file_name"], f"{type(e).__name__}: {e}"))
+                logger.warning(f"Skipped {record['file_name']}: {type(e).__name__}: {e}")
+                continue
             stem = os.path.splitext(os.path.basename(record["file_name"]))[0]
             out = model([inputs])[0]["instances"]
             det = draw_detections(image, out, metadata, score_thresh)
@@ -238,13 +264,15 @@ def argument_parser():
 
 
 def main(argv=None):
-    """Command line of ``tools/visualize.py``; returns 0."""
-    from detectron2.checkpoint import DetectionCheckpointer
+    """Command line of ``tools/visualize.py``; returns 0, or 1 when an image could not be
+    drawn (the others are drawn; the failures are listed at the end)."""
     from detectron2.config import CfgNode, instantiate
     from detectron2.utils.logger import setup_logger
 
+    from ..data import check_dataset_files
     from ..data.mapper import HARNetDatasetMapper
     from .defaults import build_config
+    from .faults import AtomicDetectionCheckpointer
     from .lazy_trainer import LazyConfigTrainer
     from .trainer import HARNetTrainer
 
@@ -252,33 +280,45 @@ def main(argv=None):
     args.two_step = False
     setup_logger(name="harnet")
     setup_logger()
-    cfg = build_config(args)
+    # Only the dataset that is drawn must exist (none for --input).
+    cfg = build_config(args, purpose="draw")
+    if isinstance(cfg, CfgNode):
+        test_sets = list(cfg.DATASETS.TEST)
+    else:
+        names = cfg.dataloader.test.dataset.names
+        test_sets = [names] if isinstance(names, str) else list(names)
+    if args.input:
+        records = image_inputs(args.input)
+        source = test_sets[0] if test_sets else None
+    else:
+        source = args.dataset or (test_sets[0] if test_sets else "")
+        if not source:
+            raise ValueError("give --input images or --dataset NAME (the config has no test set)")
+        check_dataset_files([source])
+        records = dataset_inputs(source)
     if isinstance(cfg, CfgNode):
         model = HARNetTrainer.build_model(cfg)
         weights = cfg.MODEL.WEIGHTS
         mapper = HARNetDatasetMapper(cfg, is_train=False)
-        test_sets = list(cfg.DATASETS.TEST)
     else:
         model = LazyConfigTrainer.build_model(cfg)
         weights = cfg.train.init_checkpoint
         mapper = instantiate(cfg.dataloader.test.mapper)
-        names = cfg.dataloader.test.dataset.names
-        test_sets = [names] if isinstance(names, str) else list(names)
     if not weights:
         logger.warning("No weights given (MODEL.WEIGHTS / train.init_checkpoint): drawing an untrained model")
-    DetectionCheckpointer(model).load(weights)
-    if args.input:
-        records = image_inputs(args.input)
-        metadata = MetadataCatalog.get(test_sets[0]) if test_sets else None
-    else:
-        name = args.dataset or (test_sets[0] if test_sets else "")
-        if not name:
-            raise ValueError("give --input images or --dataset NAME (the config has no test set)")
-        records = dataset_inputs(name)
-        metadata = MetadataCatalog.get(name)
+    AtomicDetectionCheckpointer(model).load(weights)
+    metadata = MetadataCatalog.get(source) if source else None
+    metadata = class_names_for(model, metadata, f"dataset {source!r}")
+    errors = []
     written = visualize(
         model, mapper, records, args.output, metadata=metadata, score_thresh=args.score_thresh,
-        max_images=args.max_images or None,
+        max_images=args.max_images or None, errors=errors,
     )
     logger.info(f"Wrote {len(written)} PNG files to {args.output}")
+    if errors:
+        logger.error(
+            f"{len(errors)} image(s) could not be drawn:\n"
+            + "\n".join(f"  {name}: {msg}" for name, msg in errors)
+        )
+        return 1
     return 0

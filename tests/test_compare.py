@@ -200,3 +200,51 @@ def test_compare_runs_train_net_and_matches_pycocotools(tmp_path, monkeypatch):
     again = json.load(open(os.path.join(out, "summary.json")))["results"]
     assert again["harnet_shapes_val"]["HAR-Net"] == summary["results"]["harnet_shapes_val"]["HAR-Net"]
     assert again["2x"]["HAR-Net"] == summary["results"]["2x"]["HAR-Net"]
+
+
+def test_every_variant_is_checked_before_any_run(tmp_path, monkeypatch):
+    # Before: the misspelt key of the second variant failed only when its run started,
+    # after training the first variant.
+    def no_run(cmd, what, log):
+        raise AssertionError(f"nothing may run before every variant is checked: {what}")
+
+    monkeypatch.setattr(compare, "_call", no_run)
+    argv = ["--config-file", DEMO_YAML, "--output", str(tmp_path), "--seeds", "0",
+            "--variants", "ok", "typo@MODEL.HARNET.SPATAL.ENABLED=False", "--"] + tiny_opts(
+        str(tmp_path / "shapes"), str(tmp_path / "unused"))
+    with pytest.raises(SystemExit, match="variant 'typo'.*MODEL.HARNET.SPATAL"):
+        compare.main(argv)
+    bad_value = argv[:argv.index("--variants")] + ["--variants", "ok", "v@SOLVER.MAX_ITER=0", "--"] + argv[argv.index("--") + 1:]
+    with pytest.raises(SystemExit, match="variant 'v'.*SOLVER.MAX_ITER"):
+        compare.main(bad_value)
+    bad_eval = argv[:argv.index("--variants")] + ["--extra-evals", "e@TEST.AUG.ENABLED=True@TEST.AUG.MAX_SIZE=0", "--"] + argv[argv.index("--") + 1:]
+    with pytest.raises(SystemExit, match="extra evaluation|TEST.AUG.MAX_SIZE"):
+        compare.main(bad_eval)
+    assert not os.path.exists(tmp_path / "ok")
+
+
+def _benchmark_main():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "benchmark.py")
+    spec = importlib.util.spec_from_file_location("harnet_tools_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--iters", "0"], "--iters must be >= 1"),
+    (["--size", "0", "0"], "--size H W must be positive"),
+    (["--warmup", "-1"], "--warmup must be >= 0"),
+    (["--train-iters", "0"], "--train-iters must be >= 1"),
+    (["--train-batch", "0"], "--train-batch must be >= 1"),
+])
+def test_benchmark_arguments_checked_before_any_work(argv, words, capsys, monkeypatch):
+    # Before: --iters 0 printed an empty table, --size 0 0 a raw convolution error.
+    bench = _benchmark_main()
+    monkeypatch.setattr(bench, "Runner", None)  # building a model would fail the test
+    with pytest.raises(SystemExit) as e:
+        bench.main(argv + ["--device", "cpu"])
+    assert e.value.code == 2
+    assert words in capsys.readouterr().err

@@ -301,6 +301,20 @@ LEGEND = (
 )
 
 
+def _check_args(p, args):
+    """Every numeric argument checked before any work (argparse's ``p.error``: usage, exit 2)."""
+    at_least = {"--iters": (args.iters, 1), "--warmup": (args.warmup, 0),
+                "--train-batch": (args.train_batch, 1), "--threads": (args.threads, 0),
+                "--profile": (args.profile, 0)}
+    if args.train_iters is not None and not args.skip_train:
+        at_least["--train-iters"] = (args.train_iters, 1)
+    for name, (value, low) in at_least.items():
+        if value < low:
+            p.error(f"{name} must be >= {low}, got {value}")
+    if min(args.size) < 1:
+        p.error(f"--size H W must be positive, got {' '.join(map(str, args.size))}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -330,6 +344,7 @@ def main(argv=None):
     p.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("opts", nargs=argparse.REMAINDER, help="overrides for every config")
     args = p.parse_args(argv)
+    _check_args(p, args)
     args.size = tuple(args.size)
     if args.clock == "cpu" and args.device.startswith("cuda"):
         p.error("--clock cpu measures CPU time; use the default wall clock on a GPU")

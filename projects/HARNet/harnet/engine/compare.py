@@ -301,6 +301,8 @@ def main(argv=None) -> int:
             {_slug(e) for e, _ in extra_evals}) != len(extra_evals):
         raise SystemExit(f"evaluation labels must differ from each other and the test set: {evaluations}")
 
+    _check_configs(config, args.opts, variants, extra_evals)
+
     # Seed-major order: after each seed every variant has a result to compare.
     plan = [(label, opts, seed) for seed in args.seeds for label, opts in variants]
     results = {e: {label: {} for label in labels} for e in evaluations}
@@ -349,6 +351,22 @@ def main(argv=None) -> int:
                    "seconds_per_iter": secs}, f, indent=1)
     log(f"summary written to {os.path.join(output, 'summary.md')}")
     return 0
+
+
+def _check_configs(config, common_opts, variants, extra_evals):
+    """Build every run's config (each variant's, each extra evaluation's) before any run,
+    so that a misspelt key or a bad value stops the command at once, naming the variant
+    (not after training the variants before it)."""
+    parser = argument_parser_train()
+    for label, opts in variants:
+        try:
+            build_config(parser.parse_args(["--config-file", config, *common_opts, *opts]))
+            for e, eval_opts in extra_evals:
+                what = f"extra evaluation {e!r}"
+                build_config(parser.parse_args(
+                    ["--config-file", config, *common_opts, *opts, *eval_opts]), purpose="eval")
+        except Exception as err:  # yacs: KeyError / ValueError / AssertionError ...
+            raise SystemExit(f"variant {label!r}: {type(err).__name__}: {err}") from None
 
 
 def _test_sets(config, opts):

@@ -92,14 +92,16 @@ class _MappedStream(torchdata.IterableDataset):
     ``(position, index, mapped)``, each with its own seed; in a DataLoader worker only
     every ``num_workers``-th item, starting at the worker's id (picklable for workers)."""
 
-    def __init__(self, loader, first, start):
-        self.dataset, self.mapper = loader.dataset, loader.mapper
-        self.make_sampler, self.seed = loader.make_sampler, loader.seed
+    def __init__(self, loader, sampler, first, start):
+        self.dataset, self.mapper, self.seed = loader.dataset, loader.mapper, loader.seed
         self.rank, self.world_size = loader.rank, loader.world_size
+        # Built in the training process: it holds the rank (a DataLoader worker started
+        # with "spawn" has no process group to ask).
+        self.sampler = sampler
         self.first, self.start = first, start
 
     def __iter__(self):
-        rest = itertools.islice(enumerate(self.make_sampler(seed=self.seed)), self.start, None)
+        rest = itertools.islice(enumerate(self.sampler), self.start, None)
         items = itertools.chain(self.first, rest)
         info = torchdata.get_worker_info()
         if info is not None and info.num_workers > 1:
@@ -160,11 +162,11 @@ class ResumableTrainLoader:
             d = mapped
         return 0 if d["width"] > d["height"] else 1
 
-    def _replay(self):
+    def _replay(self, sampler):
         """The buckets' contents (``(position, index)`` pairs) when batch ``start_iter - 1``
         was completed, and the stream position after it; no image is read."""
         batcher, done, j = _Batcher(self.batch_size), 0, 0
-        stream = iter(self.make_sampler(seed=self.seed))
+        stream = iter(sampler)
         while done < self.start_iter:
             index = next(stream)
             if batcher.add(self._key(index), (j, index)) is not None:
@@ -173,9 +175,10 @@ class ResumableTrainLoader:
         return [item for bucket in batcher.buckets.values() for item in bucket], j
 
     def __iter__(self):
-        first, start = self._replay()
+        sampler = self.make_sampler(seed=self.seed)
+        first, start = self._replay(sampler)
         loader = torchdata.DataLoader(
-            _MappedStream(self, first, start), batch_size=None, num_workers=self.num_workers,
+            _MappedStream(self, sampler, first, start), batch_size=None, num_workers=self.num_workers,
             collate_fn=_identity,
         )
         batcher = _Batcher(self.batch_size)

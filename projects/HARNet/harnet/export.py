@@ -1,0 +1,226 @@
+"""Export a HARRetinaNet for deployment: TorchScript (the whole detector) and ONNX (the network).
+
+TorchScript (:func:`export_torchscript`): the detector is traced with Detectron2's
+``TracingAdapter`` (the convention of Detectron2's ``tools/deploy/export_model.py``). Tracing
+records tensor ops for the example image only, so a data-dependent loop (soft-NMS's greedy
+steps, box voting's blocks) would be unrolled for that image and break on others. HARNet's
+post-processing is therefore called through its TorchScript-compiled version while tracing
+(:func:`harnet.layers.postprocess.suppress_detections` does this under ``torch.jit.trace``):
+the trace records a call to the scripted function, whose loops run for each image. The
+exported module takes one image ``Tensor[3, H, W]`` (the model's input format, already
+resized, any H and W) and returns ``(boxes Tensor[K, 4], classes Tensor[K] int64,
+scores Tensor[K])`` in the input image's pixels: Detectron2's flattened ``Instances``
+(fields in name order: pred_boxes, pred_classes, scores).
+
+ONNX (:func:`export_onnx`): the network only, image to head outputs (normalisation, padding,
+backbone with aligned attention, head with CLGN / spatial / channel attention), with dynamic
+image height and width. ONNX has no loops of this kind for soft-NMS, so the post-processing
+is a separate step run by PyTorch on the network's outputs: :func:`detections_from_head_outputs`
+(anchors, RetinaNet's decoding, then ``suppress_detections``) gives the detector's detections.
+"""
+
+import contextlib
+import inspect
+import types
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from detectron2.modeling.postprocessing import detector_postprocess
+from detectron2.structures import Boxes, Instances
+
+__all__ = [
+    "trace_detector",
+    "export_torchscript",
+    "HeadOutputs",
+    "export_onnx",
+    "detections_from_head_outputs",
+    "onnx_output_names",
+]
+
+
+def trace_detector(model: nn.Module, image: Tensor) -> torch.jit.ScriptModule:
+    """Traces ``model`` (a Detectron2 dense detector in eval mode, e.g. HARRetinaNet) on
+    ``image`` (``Tensor[3, H, W]``) with Detectron2's ``TracingAdapter``.
+
+    Returns:
+        ScriptModule: ``forward(image) -> (boxes, classes, scores)`` (see the module doc).
+    """
+    from detectron2.export import TracingAdapter
+
+    if model.training:
+        raise ValueError("trace_detector: the model must be in eval mode (model.eval())")
+    adapter = _DetectionTensors(TracingAdapter(model, [{"image": image}]))
+    with torch.no_grad(), _dynamic_candidate_count(model):
+        # check_trace would re-run the trace and compare graphs, which differ only by the
+        # scripted call's compilation: not a correctness check of the outputs.
+        return torch.jit.trace(adapter, (image,), check_trace=False)
+
+
+@contextlib.contextmanager
+def _dynamic_candidate_count(model: nn.Module):
+    """While tracing on a Detectron2 whose per-level decoding computes ``min(topk,
+    count)`` in Python (0.6: the trace would keep the example image's count as a
+    constant), decode with :func:`_decode_per_level_sliced` instead; a no-op elsewhere."""
+    from detectron2.modeling.meta_arch.dense_detector import DenseDetector
+
+    source = inspect.getsource(DenseDetector._decode_per_level_predictions)
+    if "torch.clamp" in source or not isinstance(model, DenseDetector):
+        yield
+        return
+    model._decode_per_level_predictions = types.MethodType(_decode_per_level_sliced, model)
+    try:
+        yield
+    finally:
+        del model._decode_per_level_predictions
+
+
+def _decode_per_level_sliced(
+    self, anchors, pred_scores: Tensor, pred_deltas: Tensor, score_thresh: float,
+    topk_candidates: int, image_size: Tuple[int, int],
+) -> Instances:  # fmt: skip
+    """Detectron2 0.6's ``DenseDetector._decode_per_level_predictions`` (threshold, top-k
+    by a descending sort, box decoding) with the top-k count left to slicing, which clamps
+    at run time: the same results eagerly, and a trace that holds for any image."""
+    keep = pred_scores > score_thresh
+    scores, order = pred_scores[keep].sort(descending=True)
+    candidates = torch.nonzero(keep)[order[:topk_candidates]]
+    anchor_idxs, classes = candidates.unbind(dim=1)
+    boxes = self.box2box_transform.apply_deltas(pred_deltas[anchor_idxs], anchors.tensor[anchor_idxs])
+    return Instances(
+        image_size, pred_boxes=Boxes(boxes), scores=scores[:topk_candidates], pred_classes=classes
+    )
+
+
+class _DetectionTensors(nn.Module):
+    """``TracingAdapter``'s flat outputs as ``(boxes, classes, scores)``: the flattening
+    differs between Detectron2 versions (0.6 adds the image size), the outputs do not."""
+
+    def __init__(self, adapter: nn.Module):
+        super().__init__()
+        self.adapter = adapter
+
+    def forward(self, image: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        flat = self.adapter(image)
+        instances = self.adapter.outputs_schema(flat)[0]["instances"]
+        return instances.pred_boxes.tensor, instances.pred_classes, instances.scores
+
+
+def export_torchscript(model: nn.Module, image: Tensor, path: str) -> torch.jit.ScriptModule:
+    """:func:`trace_detector`, saved to ``path`` (load with ``torch.jit.load``; needs only
+    torch and torchvision's ops, not Detectron2 or HARNet)."""
+    traced = trace_detector(model, image)
+    torch.jit.save(traced, path)
+    return traced
+
+
+class HeadOutputs(nn.Module):
+    """The network of a RetinaNet-style detector: image ``Tensor[3, H, W]`` (model input
+    format) to the head's outputs, as a flat tuple: per level (P3 first) the class logits
+    ``Tensor[1, A * num_classes, H_l, W_l]``, then per level the box deltas
+    ``Tensor[1, A * 4, H_l, W_l]`` (averaged over HARNet's predictors, as in inference)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: Tensor) -> Tuple[Tensor, ...]:
+        images = self.model.preprocess_image([{"image": image}])
+        features = self.model.backbone(images.tensor)
+        logits, deltas = self.model.head([features[f] for f in self.model.head_in_features])
+        return tuple(logits) + tuple(deltas)
+
+
+def onnx_output_names(num_levels: int) -> List[str]:
+    """Output names of :func:`export_onnx`'s graph: ``logits_0..``, ``deltas_0..``."""
+    return [f"logits_{i}" for i in range(num_levels)] + [f"deltas_{i}" for i in range(num_levels)]
+
+
+def export_onnx(model: nn.Module, image: Tensor, path: str, opset_version: int = 19) -> None:
+    """Exports :class:`HeadOutputs` of ``model`` to ONNX at ``path`` (input ``image``
+    ``[3, height, width]``, dynamic height and width; outputs :func:`onnx_output_names`).
+    Opset 19 has ``DeformConv`` (HARNet's aligned attention)."""
+    if model.training:
+        raise ValueError("export_onnx: the model must be in eval mode (model.eval())")
+    _register_deform_conv_symbolic(opset_version)
+    network = HeadOutputs(model).eval()
+    num_levels = len(model.head_in_features)
+    names = onnx_output_names(num_levels)
+    with torch.no_grad():
+        torch.onnx.export(
+            network,
+            (image,),
+            path,
+            input_names=["image"],
+            output_names=names,
+            dynamic_axes={"image": {1: "height", 2: "width"}, **{n: {2: f"{n}_h", 3: f"{n}_w"} for n in names}},
+            opset_version=opset_version,
+            dynamo=False,
+        )
+
+
+def _register_deform_conv_symbolic(opset_version: int) -> None:
+    """Maps ``torchvision::deform_conv2d`` (aligned attention) to ONNX ``DeformConv``
+    (opset 19: same offset layout, (y, x) pairs per kernel tap; optional mask)."""
+    from torch.onnx import register_custom_op_symbolic
+    from torch.onnx.symbolic_helper import parse_args
+
+    if opset_version < 19:
+        raise ValueError(f"HARNet's deformable convolution needs ONNX opset >= 19, got {opset_version}")
+
+    @parse_args("v", "v", "v", "v", "v", "i", "i", "i", "i", "i", "i", "i", "i", "b")
+    def deform_conv2d(g, x, weight, offset, mask, bias, stride_h, stride_w, pad_h, pad_w,
+                      dil_h, dil_w, groups, offset_groups, use_mask):  # fmt: skip
+        kernel = weight.type().sizes()[-2:]
+        inputs = [x, weight, offset, bias] + ([mask] if use_mask else [])
+        return g.op(
+            "DeformConv",
+            *inputs,
+            dilations_i=[dil_h, dil_w],
+            group_i=groups,
+            offset_group_i=offset_groups,
+            kernel_shape_i=kernel,
+            pads_i=[pad_h, pad_w, pad_h, pad_w],
+            strides_i=[stride_h, stride_w],
+        )
+
+    register_custom_op_symbolic("torchvision::deform_conv2d", deform_conv2d, opset_version)
+
+
+def detections_from_head_outputs(
+    model: nn.Module,
+    outputs: Sequence[Tensor],
+    image_size: Tuple[int, int],
+    output_size: Optional[Tuple[int, int]] = None,
+) -> Instances:
+    """The post-processing step after the ONNX network: ``model``'s detections of one image
+    from :class:`HeadOutputs`' outputs (e.g. onnxruntime's, as tensors).
+
+    Args:
+        model: the exported model (its anchor generator, box coding, thresholds and
+            ``postprocess_params``).
+        outputs: the network's outputs: per-level logits, then per-level deltas.
+        image_size: (height, width) of the input image.
+        output_size: (height, width) to rescale the detections to, as the "height" /
+            "width" of Detectron2's inputs (default: ``image_size``).
+
+    Returns:
+        Instances: pred_boxes, scores, pred_classes, as ``model([{"image": image,
+        "height": ..., "width": ...}])`` gives them (boxes clipped, empty ones dropped).
+    """
+    num_levels = len(outputs) // 2
+    logits, deltas = list(outputs[:num_levels]), list(outputs[num_levels:])
+    anchors = model.anchor_generator(logits)  # only the maps' sizes matter
+    pred_logits, pred_deltas = model._transpose_dense_predictions(
+        [logits, deltas], [model.num_classes, 4]
+    )
+    with torch.no_grad():
+        result = model.inference_single_image(
+            anchors,
+            [x[0].sigmoid() for x in pred_logits],
+            [x[0] for x in pred_deltas],
+            tuple(image_size),
+        )
+    height, width = output_size or image_size
+    return detector_postprocess(result, height, width)

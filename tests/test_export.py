@@ -1,0 +1,136 @@
+"""Export (tools/export_model.py, harnet.export): exported in one process, loaded in a fresh one
+(TorchScript: only torch + torchvision imported; ONNX: onnxruntime), compared with the eager
+model on three image sizes, one much larger than the traced one."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from detectron2.modeling import build_model
+
+from harnet_model_utils import REPO, har_cfg, perturb_
+
+pytest.importorskip("detectron2.export", reason="Detectron2's export module (TracingAdapter)")
+
+TRACE_SIZE = (96, 128)
+SIZES = (TRACE_SIZE, (64, 80), (320, 448))
+VARIANTS = {
+    "hard": [],
+    "gaussian_voting": [
+        "MODEL.HARNET.POSTPROCESS.NMS_TYPE", "gaussian",
+        "MODEL.HARNET.POSTPROCESS.VOTING.ENABLED", "True",
+        "MODEL.HARNET.POSTPROCESS.VOTING.SCORING", "unclaimed_top4",
+    ],
+}  # fmt: skip
+
+# Run in a fresh interpreter: nothing of Detectron2 or HARNet is imported.
+LOAD_AND_RUN = textwrap.dedent(
+    """
+    import sys, torch, torchvision  # torchvision registers nms / deform_conv2d
+    out_dir = sys.argv[1]
+    images = torch.load(f"{out_dir}/images.pt")
+    results = {}
+    for name in sys.argv[2:]:
+        path = f"{out_dir}/{name}/model.ts"
+        if name == "onnx":
+            import onnxruntime
+            session = onnxruntime.InferenceSession(f"{out_dir}/onnx/model.onnx")
+            results[name] = [
+                [torch.from_numpy(o) for o in session.run(None, {"image": im.numpy()})]
+                for im in images
+            ]
+        else:
+            model = torch.jit.load(path)
+            with torch.no_grad():
+                results[name] = [model(im) for im in images]
+    torch.save(results, f"{out_dir}/results.pt")
+    """
+)
+
+
+def _run(cmd, env=None):
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
+    assert proc.returncode == 0, f"{cmd[:3]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def _cfg(opts=()):
+    cfg = har_cfg()
+    cfg.MODEL.RETINANET.TOPK_CANDIDATES_TEST = 100  # a few hundred candidates per image
+    cfg.TEST.DETECTIONS_PER_IMAGE = 60
+    cfg.merge_from_list(list(opts))
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    out = tmp_path_factory.mktemp("export")
+    cfg = _cfg()
+    torch.manual_seed(0)
+    model = perturb_(build_model(cfg).eval())  # non-zero deformable offsets too
+    torch.save({"model": model.state_dict()}, out / "model.pth")
+    (out / "config.yaml").write_text(cfg.dump())
+    g = torch.Generator().manual_seed(2)
+    images = [torch.rand(3, h, w, generator=g) * 255 for h, w in SIZES]
+    torch.save(images, out / "images.pt")
+    tool = os.path.join(REPO, "tools", "export_model.py")
+    # No --check-sizes values: the comparison is this test's, in a fresh process.
+    common = ["--check-sizes", "--config-file", str(out / "config.yaml"), "--sample-size"]
+    common += [str(x) for x in TRACE_SIZE]
+    for name, opts in list(VARIANTS.items()) + [("onnx", [])]:
+        fmt = "onnx" if name == "onnx" else "torchscript"
+        _run([sys.executable, tool, *common, "--format", fmt, "--output", str(out / name),
+              "MODEL.WEIGHTS", str(out / "model.pth"), *opts])  # fmt: skip
+    _run([sys.executable, "-c", LOAD_AND_RUN, str(out), *VARIANTS, "onnx"])
+    return out, images, torch.load(out / "results.pt")
+
+
+def _eager(name, out):
+    model = build_model(_cfg(VARIANTS.get(name, []))).eval()
+    model.load_state_dict(torch.load(out / "model.pth")["model"])
+    return model
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_torchscript_gives_the_eager_detections_at_any_size(name, exported, monkeypatch):
+    out, images, results = exported
+    model = _eager(name, out)
+    for image, (boxes, classes, scores) in zip(images, results[name]):
+        with torch.no_grad():
+            eager = model([{"image": image}])[0]["instances"]
+            # The PyTorch soft-NMS loop (the exported one): bit for bit.
+            monkeypatch.setenv("HARNET_SOFT_NMS_NUMBA", "0")
+            torch_loop = model([{"image": image}])[0]["instances"]
+            monkeypatch.delenv("HARNET_SOFT_NMS_NUMBA")
+        assert len(eager) > 10
+        assert torch.equal(boxes, torch_loop.pred_boxes.tensor)
+        assert torch.equal(scores, torch_loop.scores)
+        assert torch.equal(classes, torch_loop.pred_classes)
+        # The default (compiled loop on CPU): the same detections up to float rounding.
+        assert torch.equal(classes, eager.pred_classes)
+        torch.testing.assert_close(scores, eager.scores, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(boxes, eager.pred_boxes.tensor, rtol=1e-5, atol=1e-3)
+
+
+def test_onnx_network_then_postprocessing_gives_the_eager_detections(exported):
+    from harnet.export import HeadOutputs, detections_from_head_outputs
+
+    out, images, results = exported
+    for name in VARIANTS:
+        model = _eager(name, out)
+        for image, outputs in zip(images, results["onnx"]):
+            with torch.no_grad():
+                network = HeadOutputs(model)(image)
+                eager = model([{"image": image}])[0]["instances"]
+            assert len(outputs) == len(network) == 2 * len(model.head_in_features)
+            for got, want in zip(outputs, network):
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+            det = detections_from_head_outputs(model, outputs, tuple(image.shape[1:]))
+            assert len(det) == len(eager) > 10
+            assert torch.equal(det.pred_classes, eager.pred_classes)
+            torch.testing.assert_close(det.scores, eager.scores, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(det.pred_boxes.tensor, eager.pred_boxes.tensor, rtol=1e-4, atol=1e-2)

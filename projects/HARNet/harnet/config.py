@@ -156,8 +156,8 @@ def _add_postprocess_config(cfg):
     # Minimum IoU of a voter with the kept box (authors: 0.6; Detectron: 0.8).
     pp.VOTING.IOU_THRESH = 0.6
     # Score of a voted box: "max" (max voter score, the paper), "keep" (unchanged), "avg"
-    # (mean voter score), "caffe" (the authors' released rule: the kept box and its <= 4
-    # best unclaimed neighbours, summed score / 5).
+    # (mean voter score), "unclaimed_top4" (the authors' released rule, alias "caffe": the
+    # kept box and its <= 4 best unclaimed neighbours, summed score / 5).
     pp.VOTING.SCORING = "max"
 
 

@@ -148,8 +148,9 @@ def _greedy_loop(
     pair_decays_budget: int,
     check_every: int = CHECK_EVERY,
 ) -> Tuple[Tensor, Tensor]:
-    """Runs the greedy steps on packed rows; returns the picked box indices and their
-    scores (log-scores in log space)."""
+    """Runs the greedy steps on packed rows (every ``check_every`` steps: stop when all
+    rows are done, compact when a quarter of the rows or columns is dead); returns the
+    picked box indices and their scores (log-scores in log space)."""
     log_space = method == "gaussian"
     area = (coords[2] - coords[0]) * (coords[3] - coords[1])
     pair_decays = _pair_decays(coords, method, inv_sigma, iou_threshold, pair_decays_budget)
@@ -170,14 +171,7 @@ def _greedy_loop(
             decay = decay.squeeze(1)
         else:
             decay = _decay_by_picked(coords, area, picked, method, inv_sigma, iou_threshold)
-        if log_space:
-            score_rows.sub_(decay)  # -inf stays -inf
-        else:
-            score_rows.mul_(decay)  # dead: -inf, or NaN where decay == 0: both fail
-        live = score_rows >= threshold
-        if zero_weight_drops:  # else the threshold test already drops zero weights
-            live &= decay != 0
-        score_rows = torch.where(live, score_rows, neg_inf).scatter_(1, picked, float("-inf"))
+        score_rows = _decayed(score_rows, decay, picked, log_space, threshold, zero_weight_drops, neg_inf)
         step += 1
         if step < next_check and step < max_steps:
             continue
@@ -191,13 +185,14 @@ def _greedy_loop(
             raise RuntimeError("soft-NMS: the greedy loop did not terminate (non-finite IoU?)")
         width = int(alive_per_row.max())
         if live_rows.numel() < 0.75 * score_rows.shape[0] or width < 0.75 * score_rows.shape[1]:
+            # Drop finished rows and move live boxes left: fewer, shorter rows.
             source, padding = _compaction_source(alive[live_rows], width)
             r = live_rows[:, None]
             score_rows = score_rows[r, source].masked_fill_(padding, float("-inf"))
             coords, index_rows, area = coords[:, r, source], index_rows[r, source], area[r, source]
             if pair_decays is not None:
                 pair_decays = pair_decays[live_rows[:, None, None], source[:, :, None], source[:, None, :]]
-            else:
+            else:  # now perhaps small enough
                 pair_decays = _pair_decays(coords, method, inv_sigma, iou_threshold, pair_decays_budget)
         max_steps = step + score_rows.shape[1]
 
@@ -205,6 +200,22 @@ def _greedy_loop(
     kept = torch.cat(kept_scores).squeeze(1)
     valid = kept > float("-inf")  # rows that had finished when picking
     return keep[valid], kept[valid]
+
+
+def _decayed(
+    score_rows: Tensor, decay: Tensor, picked: Tensor, log_space: bool, threshold: float,
+    zero_weight_drops: bool, neg_inf: Tensor,
+) -> Tensor:  # fmt: skip
+    """Scores after each row's picked box decayed the row: the picked boxes and those
+    that fell below ``threshold`` (or got weight 0, if ``zero_weight_drops``) become -inf."""
+    if log_space:
+        score_rows.sub_(decay)  # -inf stays -inf
+    else:
+        score_rows.mul_(decay)  # dead: -inf, or NaN where decay == 0: both fail the test
+    live = score_rows >= threshold
+    if zero_weight_drops:  # else the threshold test already drops zero weights
+        live &= decay != 0
+    return torch.where(live, score_rows, neg_inf).scatter_(1, picked, float("-inf"))
 
 
 def _compaction_source(alive: Tensor, width: int) -> Tuple[Tensor, Tensor]:

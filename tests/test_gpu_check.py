@@ -34,10 +34,26 @@ def test_find_cuda_tests(tmp_path):
         "@pytest.mark.skipif(True, reason='other')\n"
         "def test_other():\n    pass\n"
     )
+    (tmp_path / "test_b.py").write_text(
+        "import pytest, torch\n"
+        "needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a GPU')\n"
+        "@needs_gpu\ndef test_alias():\n    pass\n\n"
+        "@pytest.mark.slow\ndef test_plain():\n    pass\n"
+    )
+    (tmp_path / "test_c.py").write_text(
+        "import pytest, torch\n"
+        "pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='GPU')\n"
+        "def test_one():\n    pass\n\ndef test_two():\n    pass\n"
+    )
     (tmp_path / "helper.py").write_text(
         "@pytest.mark.skipif(not torch.cuda.is_available(), reason='x')\ndef test_x():\n    pass\n"
     )
-    assert gc.find_cuda_tests(str(tmp_path)) == ["tests/test_a.py::test_on_gpu"]
+    assert gc.find_cuda_tests(str(tmp_path)) == [
+        "tests/test_a.py::test_on_gpu",
+        "tests/test_b.py::test_alias",
+        "tests/test_c.py::test_one",
+        "tests/test_c.py::test_two",
+    ]
 
 
 def test_find_cuda_tests_in_repo():

@@ -15,6 +15,7 @@ dtype, group norm in float32, and an elementwise op returns the wider of its inp
 - AlignedAttention: x + relu(group_norm(...)) -> float32 for a float32 input (its deformable
   conv runs in float32 for reduced-precision inputs, as torchvision's CUDA autocast does).
 """
+
 import pytest
 import torch
 
@@ -46,7 +47,11 @@ def _modules():
     torch.nn.init.normal_(aligned.conv2_offset.weight, std=0.05)  # fractional offsets
     levels = [torch.randn(2, C, h, w) for h, w in LEVELS]
     return {
-        "SpatialAttention": (SpatialAttention(C, 8, (1, 2), 4), [torch.randn(2, C, 8, 12)], "autocast"),
+        "SpatialAttention": (
+            SpatialAttention(C, 8, (1, 2), 4),
+            [torch.randn(2, C, 8, 12)],
+            "autocast",
+        ),
         "CrossLevelGroupNorm": (CrossLevelGroupNorm(4, C), [levels], torch.float32),
         "CrossLevelSE": (CrossLevelSE(C, len(LEVELS), 8), [levels], "autocast"),
         "AlignedAttention": (aligned, [torch.randn(2, 32, 6, 8)], torch.float32),
@@ -86,7 +91,10 @@ def test_module_under_cpu_autocast_bf16(name):
     module, inputs, expected = _modules()[name]
     expected = torch.bfloat16 if expected == "autocast" else expected
     ref = _flat(module(*inputs))
-    inputs = [[t.requires_grad_() for t in x] if isinstance(x, list) else x.requires_grad_() for x in inputs]
+    inputs = [
+        [t.requires_grad_() for t in x] if isinstance(x, list) else x.requires_grad_()
+        for x in inputs
+    ]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = _flat(module(*inputs))
     assert [o.dtype for o in out] == [expected] * len(ref)
@@ -188,7 +196,9 @@ def test_box_voting_keeps_dtype_and_layout(scoring):
     k, ks = batched_soft_nms(b, s, c, "gaussian")
     ref = batched_box_voting(b[k], ks, c[k], b, s, c, 0.6, scoring)
     # float64: same dtype out, same values up to float32 rounding.
-    out64 = batched_box_voting(b[k].double(), ks.double(), c[k], b.double(), s.double(), c, 0.6, scoring)
+    out64 = batched_box_voting(
+        b[k].double(), ks.double(), c[k], b.double(), s.double(), c, 0.6, scoring
+    )
     assert [t.dtype for t in out64] == [torch.float64, torch.float64]
     torch.testing.assert_close(out64[0].float(), ref[0], rtol=0, atol=1e-3)
     torch.testing.assert_close(out64[1].float(), ref[1], rtol=0, atol=1e-5)
@@ -206,7 +216,9 @@ def test_box_voting_keeps_dtype_and_layout(scoring):
 
 SUPPRESS = {
     "hard": dict(nms_type="hard"),
-    "authors": dict(nms_type="gaussian", voting=True, voting_scoring="caffe", max_detections=50, min_score=0.05),
+    "authors": dict(
+        nms_type="gaussian", voting=True, voting_scoring="caffe", max_detections=50, min_score=0.05
+    ),
     "linear_avg": dict(nms_type="linear", voting=True, voting_scoring="avg"),
 }
 
@@ -249,11 +261,17 @@ def _batch(with_instances=True):
     g = torch.Generator().manual_seed(1)
     out = []
     for _ in range(2):
-        d = {"image": (torch.rand(3, 64, 96, generator=g) * 255).to(torch.uint8), "height": 64, "width": 96}
+        d = {
+            "image": (torch.rand(3, 64, 96, generator=g) * 255).to(torch.uint8),
+            "height": 64,
+            "width": 96,
+        }
         if with_instances:
-            d["instances"] = Instances((64, 96), gt_boxes=Boxes(torch.tensor([[8.0, 6.0, 50.0, 40.0],
-                                                                             [40.0, 20.0, 90.0, 60.0]])),
-                                       gt_classes=torch.tensor([0, 2]))  # fmt: skip
+            d["instances"] = Instances(
+                (64, 96),
+                gt_boxes=Boxes(torch.tensor([[8.0, 6.0, 50.0, 40.0], [40.0, 20.0, 90.0, 60.0]])),
+                gt_classes=torch.tensor([0, 2]),
+            )
         out.append(d)
     return out
 
@@ -271,13 +289,19 @@ def test_harretinanet_training_under_cpu_autocast_bf16():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             losses = model(_batch())
         sum(losses.values()).backward()
-    assert set(losses) == set(ref) == {"loss_cls", "loss_box_reg", "loss_cls_channel", "loss_box_reg_channel"}
+    assert (
+        set(losses)
+        == set(ref)
+        == {"loss_cls", "loss_box_reg", "loss_cls_channel", "loss_box_reg_channel"}
+    )
     for k, v in losses.items():
         # Detectron2's focal loss (binary_cross_entropy_with_logits) runs in float32.
         assert v.dtype == torch.float32 and bool(torch.isfinite(v))
         assert abs(float(v) - float(ref[k])) <= 0.05 * abs(float(ref[k])) + 1e-4, k
     grads = [p.grad for p in model.parameters() if p.requires_grad]
-    assert all(g is not None and g.dtype == torch.float32 and bool(torch.isfinite(g).all()) for g in grads)
+    assert all(
+        g is not None and g.dtype == torch.float32 and bool(torch.isfinite(g).all()) for g in grads
+    )
 
 
 @pytest.mark.parametrize("post", ["detectron2", "authors"])
@@ -298,7 +322,9 @@ def test_harretinanet_inference_under_cpu_autocast_bf16_matches_retinanet_dtypes
         assert h.pred_boxes.tensor.dtype == r.pred_boxes.tensor.dtype == torch.float32
         assert h.pred_classes.dtype == r.pred_classes.dtype == torch.int64
         assert h.scores.dtype == r.scores.dtype
-        assert bool(torch.isfinite(h.pred_boxes.tensor).all() and torch.isfinite(h.scores.float()).all())
+        assert bool(
+            torch.isfinite(h.pred_boxes.tensor).all() and torch.isfinite(h.scores.float()).all()
+        )
 
 
 def test_harretinanet_bf16_weights_train_like_retinanet():
@@ -320,7 +346,10 @@ def test_harretinanet_head_and_backbone_bf16_outputs():
     with torch.no_grad():
         feats = model.backbone(images)
         logits, deltas = model.head([feats[f] for f in model.head_in_features])
-    assert all(t.dtype == torch.bfloat16 and bool(torch.isfinite(t).all()) for t in [*feats.values(), *logits, *deltas])
+    assert all(
+        t.dtype == torch.bfloat16 and bool(torch.isfinite(t).all())
+        for t in [*feats.values(), *logits, *deltas]
+    )
 
 
 # ------------------------------------------------------------------- CUDA (run by gpu_check)
@@ -363,7 +392,9 @@ def test_harretinanet_cuda_autocast_fp16_train_and_infer():
     model = _model(cfg).train()
     with EventStorage(0), torch.autocast("cuda", dtype=torch.float16):
         losses = model(_batch())
-    assert all(v.is_cuda and v.dtype == torch.float32 and bool(torch.isfinite(v)) for v in losses.values())
+    assert all(
+        v.is_cuda and v.dtype == torch.float32 and bool(torch.isfinite(v)) for v in losses.values()
+    )
     sum(losses.values()).backward()
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
         out = model.eval()(_batch(False))

@@ -1,5 +1,6 @@
 """tools/gpu_check.py: its CPU mode end to end (``--cpu --quick``, so the GPU check is
 exercised on every CI run), and its helpers against hand-made cases."""
+
 import importlib.util
 import json
 import os
@@ -77,7 +78,9 @@ def test_match_detections():
     moved[1, 2] += 0.5
     assert gc.match_detections(ref, (moved, scores, classes), 0.1, 0.0) == pytest.approx(2 / 3)
     assert gc.match_detections(ref, (moved, scores, classes), 0.5, 0.0) == 1.0
-    assert gc.match_detections(ref, (boxes, scores, torch.tensor([1, 1, 1])), 1.0, 1.0) == pytest.approx(2 / 3)
+    assert gc.match_detections(
+        ref, (boxes, scores, torch.tensor([1, 1, 1])), 1.0, 1.0
+    ) == pytest.approx(2 / 3)
     assert gc.match_detections(ref, tuple(t[:2] for t in ref), 0.0, 0.0) == pytest.approx(2 / 3)
     empty = (boxes[:0], scores[:0], classes[:0])
     assert gc.match_detections(empty, empty, 0.0, 0.0) == 1.0
@@ -111,8 +114,11 @@ def cpu_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check")
     proc = subprocess.run(
         [sys.executable, SCRIPT, "--cpu", "--quick", "--threads", "1", "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=1500,
-    )  # fmt: skip
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
     report_path = out / "gpu_check.json"
     assert report_path.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(report_path) as f:
@@ -163,7 +169,12 @@ def test_cpu_quick_run_training_losses(cpu_run):
     for name, run in runs.items():
         assert len(run["total"]) == iters
         for losses in run["losses"]:
-            assert set(losses) == {"loss_cls", "loss_box_reg", "loss_cls_channel", "loss_box_reg_channel"}
+            assert set(losses) == {
+                "loss_cls",
+                "loss_box_reg",
+                "loss_cls_channel",
+                "loss_box_reg_channel",
+            }
             assert all(0 < v < 1e3 for v in losses.values()), (name, losses)
     # AMP runs start from fp32's weights on fp32's batches: close, yet not bit-identical.
     for p in ("fp16", "bf16"):
@@ -176,12 +187,22 @@ def test_cpu_quick_run_benchmark_and_table(cpu_run):
     _, report, md = cpu_run
     res = report["benchmark"]["info"]["results"]
     for model in ("HAR-Net", "RetinaNet"):
-        for key in ("train_b2_s", "train_b4_s", "infer_ms", "network_ms", "mem_train_b2_mib",
-                    "mem_train_b4_mib", "mem_infer_b1_mib"):  # fmt: skip
+        for key in (
+            "train_b2_s",
+            "train_b4_s",
+            "infer_ms",
+            "network_ms",
+            "mem_train_b2_mib",
+            "mem_train_b4_mib",
+            "mem_infer_b1_mib",
+        ):
             assert res[model][key] > 0, (model, key)
     timings = report["postprocess"]["info"]["timings_ms"]
     assert any(k.startswith("COCO-like") and k.endswith("soft-NMS gaussian") for k in timings)
-    assert any(k.startswith("dense") and k.endswith("suppress_detections, authors' settings") for k in timings)
+    assert any(
+        k.startswith("dense") and k.endswith("suppress_detections, authors' settings")
+        for k in timings
+    )
     # One markdown table: a header and one line per check.
     rows = sum(len(report[n]["rows"]) for n in gc.SECTIONS)
     table = [line for line in md.splitlines() if line.startswith("| ")]

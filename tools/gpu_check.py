@@ -49,6 +49,7 @@ Examples:
     python tools/gpu_check.py --out gpu_check_out
     python tools/gpu_check.py --cpu --quick --out /tmp/gpu_check
 """
+
 import argparse
 import contextlib
 import copy
@@ -78,11 +79,23 @@ SECTIONS = ("environment", "cuda_tests", "equivalence", "training", "benchmark",
 
 # Tiny model for --quick: the shrink of tests/harnet_model_utils.make_tiny, as overrides.
 QUICK_OPTS = [
-    "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
-    "MODEL.FPN.OUT_CHANNELS", "32", "MODEL.HARNET.ALIGN.MID_CHANNELS", "[32]",
-    "MODEL.HARNET.ALIGN.NORM_GROUPS", "8", "MODEL.HARNET.CLGN.NUM_GROUPS", "8",
-    "MODEL.HARNET.SPATIAL.CHANNELS", "8", "MODEL.HARNET.CHANNEL.HIDDEN", "8",
-]  # fmt: skip
+    "MODEL.RESNETS.DEPTH",
+    "18",
+    "MODEL.RESNETS.RES2_OUT_CHANNELS",
+    "64",
+    "MODEL.FPN.OUT_CHANNELS",
+    "32",
+    "MODEL.HARNET.ALIGN.MID_CHANNELS",
+    "[32]",
+    "MODEL.HARNET.ALIGN.NORM_GROUPS",
+    "8",
+    "MODEL.HARNET.CLGN.NUM_GROUPS",
+    "8",
+    "MODEL.HARNET.SPATIAL.CHANNELS",
+    "8",
+    "MODEL.HARNET.CHANNEL.HIDDEN",
+    "8",
+]
 HARNET_CFG, RETINANET_CFG = "har_R_50_FPN_1x.yaml", "har_R_50_FPN_1x_baseline.yaml"
 TARGETS = {"train_ratio": 1.35, "infer_ratio": 1.30, "gaussian_coco_ms": 1.0}
 
@@ -108,8 +121,11 @@ class Sizes:
         self.opts = list(QUICK_OPTS) if quick else []
         # Attention modules: channels, levels (P3 first), aligned attention in/mid/size.
         self.channels = 32 if quick else 256
-        self.levels = [(8, 12), (4, 6), (2, 3), (1, 2), (1, 1)] if quick else [
-            (100, 168), (50, 84), (25, 42), (13, 21), (7, 11)]  # fmt: skip
+        self.levels = (
+            [(8, 12), (4, 6), (2, 3), (1, 2), (1, 1)]
+            if quick
+            else [(100, 168), (50, 84), (25, 42), (13, 21), (7, 11)]
+        )
         self.groups = 8 if quick else 32
         self.aligned = (64, 32, (8, 12)) if quick else (1024, 256, (50, 84))
         self.coco_candidates = 300 if quick else 1000
@@ -136,7 +152,9 @@ def log(msg):
 
 def cpu_seconds():
     """CPU time of this process and its finished children (user + system), in seconds."""
-    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(
+        resource.RUSAGE_CHILDREN
+    )
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
@@ -190,7 +208,7 @@ def match_detections(ref, sub, box_tol, score_tol):
         return 1.0
     if len(rs) == 0 or len(ss) == 0:
         return 0.0
-    close = ((rb[:, None, :] - sb[None, :, :]).abs().amax(dim=2) <= box_tol)
+    close = (rb[:, None, :] - sb[None, :, :]).abs().amax(dim=2) <= box_tol
     close &= (rs[:, None] - ss[None, :]).abs() <= score_tol
     close &= rc[:, None] == sc[None, :]
     taken, matched = set(), 0
@@ -216,19 +234,29 @@ def section_environment(args, sizes):
     import torchvision
 
     env = dict(
-        mode="cpu" + (" quick" if sizes.quick else "") if args.cpu else "gpu" + (" quick" if sizes.quick else ""),
+        mode=(
+            "cpu" + (" quick" if sizes.quick else "")
+            if args.cpu
+            else "gpu" + (" quick" if sizes.quick else "")
+        ),
         device=args.device,
-        device_name=(torch.cuda.get_device_name() if args.device == "cuda"
-                     else f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads"),
-        torch=torch.__version__, torchvision=torchvision.__version__,
-        detectron2=detectron2.__version__, python=platform.python_version(),
+        device_name=(
+            torch.cuda.get_device_name()
+            if args.device == "cuda"
+            else f"CPU ({platform.machine()}), {torch.get_num_threads()} threads"
+        ),
+        torch=torch.__version__,
+        torchvision=torchvision.__version__,
+        detectron2=detectron2.__version__,
+        python=platform.python_version(),
         image=list(sizes.image),
-    )  # fmt: skip
+    )
     if args.device == "cuda":
         env["capability"] = list(torch.cuda.get_device_capability())
         env["bf16_supported"] = bool(torch.cuda.is_bf16_supported())
-        env["tf32_default"] = dict(matmul=torch.backends.cuda.matmul.allow_tf32,
-                                   cudnn=torch.backends.cudnn.allow_tf32)
+        env["tf32_default"] = dict(
+            matmul=torch.backends.cuda.matmul.allow_tf32, cudnn=torch.backends.cudnn.allow_tf32
+        )
     env["amp_trainer_precision_arg"] = amp_trainer_has_precision()
     return dict(info=env, rows=[])
 
@@ -256,7 +284,7 @@ def find_cuda_tests(tests_dir):
             deco = line.strip()
             if not (deco.startswith("@") and (CUDA_SKIP.search(deco) or deco[1:] in aliases)):
                 continue
-            for nxt in lines[i + 1:]:
+            for nxt in lines[i + 1 :]:
                 m = re.match(r"\s*def\s+(test_\w+)", nxt)
                 if m:
                     ids.append(f"tests/{name}::{m.group(1)}")
@@ -274,7 +302,16 @@ def start_cuda_tests(args):
     xml = os.path.join(args.out, "cuda_tests.xml")
     if os.path.exists(xml):
         os.remove(xml)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}", *ids]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        f"--junitxml={xml}",
+        *ids,
+    ]
     log(f"pytest on {len(ids)} CUDA-only tests")
     with open(os.path.join(args.out, "cuda_tests.log"), "w") as f:
         return ids, subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
@@ -301,19 +338,33 @@ def section_cuda_tests(args, sizes):
                 if child.tag in ("failure", "error", "skipped"):
                     kind = {"failure": "failed", "error": "error", "skipped": "skipped"}[child.tag]
             outcomes[name] = kind
-    counts = {k: sum(v == k for v in outcomes.values()) for k in ("passed", "failed", "error", "skipped")}
+    counts = {
+        k: sum(v == k for v in outcomes.values()) for k in ("passed", "failed", "error", "skipped")
+    }
     expect_run = args.device == "cuda"
-    ok = proc.returncode == 0 and counts["failed"] == counts["error"] == 0 and (
-        counts["skipped"] == 0 if expect_run else counts["passed"] == 0)  # fmt: skip
+    ok = (
+        proc.returncode == 0
+        and counts["failed"] == counts["error"] == 0
+        and (counts["skipped"] == 0 if expect_run else counts["passed"] == 0)
+    )
     summary = ", ".join(f"{v} {k}" for k, v in counts.items() if v)
     limit = "all pass" if expect_run else "all skip (no CUDA)"
-    info = dict(tests=ids, outcomes=outcomes, returncode=proc.returncode, output_tail=output[-3000:])
-    return dict(info=info, rows=[row(f"pytest, {len(outcomes)} CUDA-only test cases", summary, limit, ok)])
+    info = dict(
+        tests=ids, outcomes=outcomes, returncode=proc.returncode, output_tail=output[-3000:]
+    )
+    return dict(
+        info=info, rows=[row(f"pytest, {len(outcomes)} CUDA-only test cases", summary, limit, ok)]
+    )
 
 
 # ---- equivalence
 def _module_cases(sizes):
-    from harnet.modeling import AlignedAttention, CrossLevelGroupNorm, CrossLevelSE, SpatialAttention
+    from harnet.modeling import (
+        AlignedAttention,
+        CrossLevelGroupNorm,
+        CrossLevelSE,
+        SpatialAttention,
+    )
 
     c, g = sizes.channels, sizes.groups
     levels = lambda: [torch.randn(2, c, h, w) for h, w in sizes.levels]  # noqa: E731
@@ -328,12 +379,17 @@ def _module_cases(sizes):
         return m, [torch.randn(2, cin, h, w)]
 
     return {
-        "SpatialAttention": lambda: (SpatialAttention(c, 8 if sizes.quick else 16, (1, 2, 5, 2), 4),
-                                     [torch.randn(2, c, *sizes.levels[0])]),
+        "SpatialAttention": lambda: (
+            SpatialAttention(c, 8 if sizes.quick else 16, (1, 2, 5, 2), 4),
+            [torch.randn(2, c, *sizes.levels[0])],
+        ),
         "CrossLevelGroupNorm": lambda: (CrossLevelGroupNorm(g, c), [levels()]),
-        "CrossLevelSE": lambda: (CrossLevelSE(c, len(sizes.levels), 8 if sizes.quick else 32), [levels()]),
+        "CrossLevelSE": lambda: (
+            CrossLevelSE(c, len(sizes.levels), 8 if sizes.quick else 32),
+            [levels()],
+        ),
         "AlignedAttention": aligned,
-    }  # fmt: skip
+    }
 
 
 def _to(x, device, dtype):
@@ -350,8 +406,11 @@ def _run_module(module, inputs, device, dtype, autocast_dtype=None):
     """Forward + backward of ``sum(out * r)`` (r fixed); returns outputs and gradients."""
     module = copy.deepcopy(module).to(device=device, dtype=dtype)
     inputs = _to(inputs, device, dtype)
-    ctx = (torch.autocast(torch.device(device).type, dtype=autocast_dtype) if autocast_dtype
-           else contextlib.nullcontext())  # fmt: skip
+    ctx = (
+        torch.autocast(torch.device(device).type, dtype=autocast_dtype)
+        if autocast_dtype
+        else contextlib.nullcontext()
+    )
     with ctx:
         out = module(*inputs)
     outs = _leaves(out)
@@ -379,22 +438,39 @@ def _equiv_modules(args, sizes):
         fwd = max(rel_err(s, r) for s, r in zip(s_out, r_out))
         grad = max(rel_err(s, r) for s, r in zip(s_grad, r_grad) if r is not None)
         rows.append(row(f"{name} forward, {label}", fwd, TOL_FWD, fwd <= TOL_FWD))
-        rows.append(row(f"{name} backward (input and weight grads), {label}", grad, TOL_GRAD, grad <= TOL_GRAD))
+        rows.append(
+            row(
+                f"{name} backward (input and weight grads), {label}",
+                grad,
+                TOL_GRAD,
+                grad <= TOL_GRAD,
+            )
+        )
         for dt in autocast:
             a_out, a_grad = _run_module(module, inputs, sub_dev, torch.float32, autocast_dtype=dt)
             err = max(rel_err(a, s) for a, s in zip(a_out, s_out))
             finite = all(bool(torch.isfinite(t).all()) for t in a_grad if t is not None)
             dtypes = sorted({str(o.dtype).replace("torch.", "") for o in a_out})
             tol = TOL_AUTOCAST[dt]
-            rows.append(row(f"{name} under {sub_dev} autocast {str(dt)[6:]} vs fp32 (out dtype "
-                            f"{'/'.join(dtypes)}; grads finite: {finite})", err, tol,
-                            err <= tol and finite))  # fmt: skip
+            rows.append(
+                row(
+                    f"{name} under {sub_dev} autocast {str(dt)[6:]} vs fp32 (out dtype "
+                    f"{'/'.join(dtypes)}; grads finite: {finite})",
+                    err,
+                    tol,
+                    err <= tol and finite,
+                )
+            )
     return rows
 
 
 def _candidate_sets(sizes):
     bp = load_tool("benchmark_postprocess")
-    sets = {f"COCO-like ({sizes.coco_candidates}, 80 cls)": bp.synthetic_candidates(sizes.coco_candidates)}
+    sets = {
+        f"COCO-like ({sizes.coco_candidates}, 80 cls)": bp.synthetic_candidates(
+            sizes.coco_candidates
+        )
+    }
     for n in sizes.dense_candidates:
         sets[f"dense ({n}, 1 cls)"] = bp.dense_scene_candidates(n)
     return sets
@@ -420,7 +496,12 @@ def _subject_side(args):
 
 
 def _equiv_postprocess(args, sizes):
-    from harnet.layers import SOFT_NMS_METHODS, VOTING_SCORINGS, batched_box_voting, batched_soft_nms
+    from harnet.layers import (
+        SOFT_NMS_METHODS,
+        VOTING_SCORINGS,
+        batched_box_voting,
+        batched_soft_nms,
+    )
     from harnet.layers import suppress_detections
 
     bp = load_tool("benchmark_postprocess")
@@ -432,32 +513,54 @@ def _equiv_postprocess(args, sizes):
             rk, rs = batched_soft_nms(b, s, c, method)
             with _subject_side(args)[1]:
                 sk, ss = batched_soft_nms(nb, ns, nc, method)
-            ref, sub = dict(zip(rk.tolist(), rs.tolist())), dict(zip(sk.cpu().tolist(), ss.cpu().tolist()))
+            ref, sub = dict(zip(rk.tolist(), rs.tolist())), dict(
+                zip(sk.cpu().tolist(), ss.cpu().tolist())
+            )
             # The same boxes kept with the same scores; the order is informative (scores
             # within rounding of each other may swap).
             same_set = set(ref) == set(sub)
             diff = max((abs(sub[i] - ref[i]) for i in ref), default=0.0) if same_set else math.inf
             in_order = sk.cpu().tolist() == rk.tolist()
-            rows.append(row(f"soft-NMS {method}, {set_name}: {label} (same kept boxes: {same_set}, "
-                            f"same order: {in_order}, {len(rk)} kept), max |score diff|", diff, TOL_SCORE,
-                            same_set and diff <= TOL_SCORE))  # fmt: skip
+            rows.append(
+                row(
+                    f"soft-NMS {method}, {set_name}: {label} (same kept boxes: {same_set}, "
+                    f"same order: {in_order}, {len(rk)} kept), max |score diff|",
+                    diff,
+                    TOL_SCORE,
+                    same_set and diff <= TOL_SCORE,
+                )
+            )
         k, ks = batched_soft_nms(b, s, c, "gaussian")
         for scoring in VOTING_SCORINGS:
             vb, vs = batched_box_voting(b[k], ks, c[k], b, s, c, 0.6, scoring)
             # Subject: float32, non-contiguous, on the device. Reference: CPU float32 (GPU
             # mode) or CPU float64 (CPU mode: the same code, so compare with more precision).
-            sub = batched_box_voting(non_contiguous(b[k].to(dev)), ks.to(dev), c[k].to(dev), nb, ns, nc, 0.6, scoring)
+            sub = batched_box_voting(
+                non_contiguous(b[k].to(dev)), ks.to(dev), c[k].to(dev), nb, ns, nc, 0.6, scoring
+            )
             if args.device == "cuda":
                 vlabel = "CUDA non-contiguous vs CPU"
             else:
                 d = torch.float64
-                vb, vs = batched_box_voting(b[k].to(d), ks.to(d), c[k], b.to(d), s.to(d), c, 0.6, scoring)
+                vb, vs = batched_box_voting(
+                    b[k].to(d), ks.to(d), c[k], b.to(d), s.to(d), c, 0.6, scoring
+                )
                 vlabel = "CPU fp32 non-contiguous vs CPU fp64"
-            bdiff = float((sub[0].double().cpu() - vb.double().cpu()).abs().max()) if len(vb) else 0.0
-            sdiff = float((sub[1].double().cpu() - vs.double().cpu()).abs().max()) if len(vs) else 0.0
-            rows.append(row(f"box voting {scoring}, {set_name}: {vlabel}, max |box diff| px "
-                            f"(|score diff| {sdiff:.1e} <= {TOL_SCORE})", bdiff, TOL_BOX,
-                            bdiff <= TOL_BOX and sdiff <= TOL_SCORE))  # fmt: skip
+            bdiff = (
+                float((sub[0].double().cpu() - vb.double().cpu()).abs().max()) if len(vb) else 0.0
+            )
+            sdiff = (
+                float((sub[1].double().cpu() - vs.double().cpu()).abs().max()) if len(vs) else 0.0
+            )
+            rows.append(
+                row(
+                    f"box voting {scoring}, {set_name}: {vlabel}, max |box diff| px "
+                    f"(|score diff| {sdiff:.1e} <= {TOL_SCORE})",
+                    bdiff,
+                    TOL_BOX,
+                    bdiff <= TOL_BOX and sdiff <= TOL_SCORE,
+                )
+            )
         settings = {
             "hard NMS": dict(nms_type="hard"),
             "authors (gaussian + caffe voting)": dict(bp.AUTHORS),
@@ -469,21 +572,36 @@ def _equiv_postprocess(args, sizes):
                 sub = suppress_detections(nb, ns, nc, **params)
             frac = match_detections(ref, sub, TOL_BOX, TOL_SCORE)
             on_dev = all(t.device.type == dev for t in sub)
-            rows.append(row(f"suppress_detections {sname}, {set_name}: {label} ({len(ref[1])} kept; "
-                            f"outputs on {dev}: {on_dev}), matched fraction", frac, 1.0,
-                            frac >= 1.0 and on_dev))  # fmt: skip
+            rows.append(
+                row(
+                    f"suppress_detections {sname}, {set_name}: {label} ({len(ref[1])} kept; "
+                    f"outputs on {dev}: {on_dev}), matched fraction",
+                    frac,
+                    1.0,
+                    frac >= 1.0 and on_dev,
+                )
+            )
     return rows
 
 
 def _tta_model(args, sizes, device):
     bench = load_tool("benchmark")
-    opts = sizes.opts + ["MODEL.RETINANET.SCORE_THRESH_TEST", "0.0",
-                         "MODEL.RETINANET.TOPK_CANDIDATES_TEST", "300",
-                         "MODEL.HARNET.POSTPROCESS.NMS_TYPE", "gaussian",
-                         "MODEL.HARNET.POSTPROCESS.VOTING.ENABLED", "True",
-                         "MODEL.HARNET.POSTPROCESS.VOTING.SCORING", "caffe",
-                         "INPUT.MIN_SIZE_TEST", str(sizes.tta_sizes[0]),
-                         "INPUT.MAX_SIZE_TEST", str(int(sizes.tta_sizes[1] * 5 / 3))]  # fmt: skip
+    opts = sizes.opts + [
+        "MODEL.RETINANET.SCORE_THRESH_TEST",
+        "0.0",
+        "MODEL.RETINANET.TOPK_CANDIDATES_TEST",
+        "300",
+        "MODEL.HARNET.POSTPROCESS.NMS_TYPE",
+        "gaussian",
+        "MODEL.HARNET.POSTPROCESS.VOTING.ENABLED",
+        "True",
+        "MODEL.HARNET.POSTPROCESS.VOTING.SCORING",
+        "caffe",
+        "INPUT.MIN_SIZE_TEST",
+        str(sizes.tta_sizes[0]),
+        "INPUT.MAX_SIZE_TEST",
+        str(int(sizes.tta_sizes[1] * 5 / 3)),
+    ]
     torch.manual_seed(0)
     cfg, model = bench.build_model_from(HARNET_CFG, opts, device)
     # Spread the random model's scores (the prior bias puts them all near 0.01).
@@ -524,14 +642,33 @@ def _equiv_tta(args, sizes):
         single = dets(_tta(cfg, model, sizes, sizes.tta_sizes[:1], False)(copy.deepcopy(inputs)))
         double = dets(_tta(cfg, model, sizes, sizes.tta_sizes, True)(copy.deepcopy(inputs)))
     frac = match_detections(plain, single, 0.0, 0.0)
-    rows.append(row(f"TTA single-scale, no flip == plain inference on {args.device} ({len(plain[1])} "
-                    "detections), matched fraction (exact)", frac, 1.0, frac >= 1.0))  # fmt: skip
+    rows.append(
+        row(
+            f"TTA single-scale, no flip == plain inference on {args.device} ({len(plain[1])} "
+            "detections), matched fraction (exact)",
+            frac,
+            1.0,
+            frac >= 1.0,
+        )
+    )
     b, s, c = double
     inside = bool(((b[:, 0] >= 0) & (b[:, 1] >= 0) & (b[:, 2] <= w) & (b[:, 3] <= h)).all())
-    ok = (b.dtype == torch.float32 and b.device.type == args.device and len(s) > 0
-          and bool(torch.isfinite(b).all() and torch.isfinite(s).all()) and inside)  # fmt: skip
-    rows.append(row(f"TTA double-scale + flip on {args.device}: {len(s)} detections, boxes "
-                    f"{str(b.dtype)[6:]} on {b.device.type}, finite, inside the image", ok, True, ok))  # fmt: skip
+    ok = (
+        b.dtype == torch.float32
+        and b.device.type == args.device
+        and len(s) > 0
+        and bool(torch.isfinite(b).all() and torch.isfinite(s).all())
+        and inside
+    )
+    rows.append(
+        row(
+            f"TTA double-scale + flip on {args.device}: {len(s)} detections, boxes "
+            f"{str(b.dtype)[6:]} on {b.device.type}, finite, inside the image",
+            ok,
+            True,
+            ok,
+        )
+    )
     if args.device == "cuda":
         cpu_model = copy.deepcopy(model).to("cpu")
         with torch.no_grad():
@@ -539,20 +676,39 @@ def _equiv_tta(args, sizes):
         # Network outputs differ by float32 rounding between devices; near-tied scores of a
         # random model can then swap a few detections in and out of the top k.
         frac = match_detections(ref, double, 0.01, 1e-4)
-        rows.append(row(f"TTA double-scale + flip, CUDA vs CPU ({len(ref[1])} detections; box "
-                        "0.01 px, score 1e-4), matched fraction", frac, 0.95, frac >= 0.95))  # fmt: skip
+        rows.append(
+            row(
+                f"TTA double-scale + flip, CUDA vs CPU ({len(ref[1])} detections; box "
+                "0.01 px, score 1e-4), matched fraction",
+                frac,
+                0.95,
+                frac >= 0.95,
+            )
+        )
     return rows
 
 
 def section_equivalence(args, sizes):
     rows = []
-    for name, fn in (("attention modules", _equiv_modules), ("post-processing", _equiv_postprocess),
-                     ("TTA", _equiv_tta)):  # fmt: skip
+    for name, fn in (
+        ("attention modules", _equiv_modules),
+        ("post-processing", _equiv_postprocess),
+        ("TTA", _equiv_tta),
+    ):
         log(f"equivalence: {name}")
         rows += fn(args, sizes)
-    return dict(info=dict(tolerances=dict(forward=TOL_FWD, backward=TOL_GRAD, score=TOL_SCORE, box_px=TOL_BOX,
-                                          autocast={str(k)[6:]: v for k, v in TOL_AUTOCAST.items()})),
-                rows=rows)  # fmt: skip
+    return dict(
+        info=dict(
+            tolerances=dict(
+                forward=TOL_FWD,
+                backward=TOL_GRAD,
+                score=TOL_SCORE,
+                box_px=TOL_BOX,
+                autocast={str(k)[6:]: v for k, v in TOL_AUTOCAST.items()},
+            )
+        ),
+        rows=rows,
+    )
 
 
 # ---- training precision
@@ -594,7 +750,9 @@ def _train(args, sizes, precision, state, batches):
 
     bench = load_tool("benchmark")
     torch.manual_seed(0)
-    cfg, model = bench.build_model_from(HARNET_CFG, sizes.opts + ["SOLVER.BASE_LR", "0.001"], args.device)
+    cfg, model = bench.build_model_from(
+        HARNET_CFG, sizes.opts + ["SOLVER.BASE_LR", "0.001"], args.device
+    )
     model.load_state_dict(state)
     model.train()
     optimizer = build_optimizer(cfg, model)
@@ -631,8 +789,10 @@ def section_training(args, sizes):
     _, model = bench.build_model_from(HARNET_CFG, sizes.opts, "cpu")
     state = copy.deepcopy(model.state_dict())
     del model
-    batches = [bench.make_inputs(sizes.image, sizes.train_batches[0], args.device, seed=10 + i)
-               for i in range(min(sizes.train_iters, 4))]  # fmt: skip
+    batches = [
+        bench.make_inputs(sizes.image, sizes.train_batches[0], args.device, seed=10 + i)
+        for i in range(min(sizes.train_iters, 4))
+    ]
     precisions = ["fp32", "fp16"]
     if args.device == "cpu" or torch.cuda.is_bf16_supported():
         precisions.append("bf16")
@@ -642,14 +802,23 @@ def section_training(args, sizes):
         try:
             losses, per_iter, how = _train(args, sizes, p, state, batches)
         except Exception as e:  # e.g. FloatingPointError: the other precisions still run
-            rows.append(row(f"training {p}: {type(e).__name__}: {str(e)[:300]}", False, True, False))
+            rows.append(
+                row(f"training {p}: {type(e).__name__}: {str(e)[:300]}", False, True, False)
+            )
             runs[p] = dict(error=traceback.format_exc(), total=[])
             continue
         totals = [sum(d.values()) for d in losses]
         finite = len(totals) == sizes.train_iters and all(math.isfinite(t) for t in totals)
         runs[p] = dict(losses=losses, total=totals, s_per_iter=per_iter, trainer=how)
-        rows.append(row(f"training {p} ({how}): {len(totals)} iterations, losses finite "
-                        f"({per_iter:.3f} s/iter)", finite, True, finite))  # fmt: skip
+        rows.append(
+            row(
+                f"training {p} ({how}): {len(totals)} iterations, losses finite "
+                f"({per_iter:.3f} s/iter)",
+                finite,
+                True,
+                finite,
+            )
+        )
     base = runs["fp32"]["total"]
     for p in precisions[1:]:
         tot = runs[p]["total"]
@@ -658,12 +827,30 @@ def section_training(args, sizes):
         first = abs(tot[0] - base[0]) / abs(base[0])
         mean = abs(statistics.mean(tot) - statistics.mean(base)) / abs(statistics.mean(base))
         tol0, tolm = TOL_LOSS[p]
-        rows.append(row(f"training {p} vs fp32: total loss at iteration 0, relative difference",
-                        first, tol0, first <= tol0))  # fmt: skip
-        rows.append(row(f"training {p} vs fp32: mean total loss over {len(tot)} iterations, relative "
-                        "difference", mean, tolm, mean <= tolm))  # fmt: skip
-    info = dict(runs=runs, batch=sizes.train_batches[0], iterations=sizes.train_iters, base_lr=0.001,
-                tolerances={k: dict(iteration0=v[0], mean=v[1]) for k, v in TOL_LOSS.items()})
+        rows.append(
+            row(
+                f"training {p} vs fp32: total loss at iteration 0, relative difference",
+                first,
+                tol0,
+                first <= tol0,
+            )
+        )
+        rows.append(
+            row(
+                f"training {p} vs fp32: mean total loss over {len(tot)} iterations, relative "
+                "difference",
+                mean,
+                tolm,
+                mean <= tolm,
+            )
+        )
+    info = dict(
+        runs=runs,
+        batch=sizes.train_batches[0],
+        iterations=sizes.train_iters,
+        base_lr=0.001,
+        tolerances={k: dict(iteration0=v[0], mean=v[1]) for k, v in TOL_LOSS.items()},
+    )
     return dict(info=info, rows=rows)
 
 
@@ -675,8 +862,12 @@ def memory_worker(spec):
     import harnet  # noqa: F401
 
     bench = load_tool("benchmark")
-    args = argparse.Namespace(size=tuple(spec["size"]), train_batch=spec["batches"][0],
-                              device=spec["device"], clock="wall")  # fmt: skip
+    args = argparse.Namespace(
+        size=tuple(spec["size"]),
+        train_batch=spec["batches"][0],
+        device=spec["device"],
+        clock="wall",
+    )
     cuda = args.device == "cuda"
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -691,7 +882,11 @@ def memory_worker(spec):
 
     def peak():
         sync(args.device)
-        return torch.cuda.max_memory_allocated() / 2**20 if cuda else bench._proc_status_mib("VmHWM") - before
+        return (
+            torch.cuda.max_memory_allocated() / 2**20
+            if cuda
+            else bench._proc_status_mib("VmHWM") - before
+        )
 
     runner = bench.Runner(spec["label"], spec["config"], spec["opts"], args)
     out = {}
@@ -712,16 +907,25 @@ def _measure_memory(args, sizes, configs):
     parallel (each measures only itself)."""
     procs = {}
     for label, config in configs.items():
-        spec = dict(label=label, config=config, opts=sizes.opts, size=list(sizes.image),
-                    batches=list(sizes.train_batches), device=args.device, threads=args.threads)
+        spec = dict(
+            label=label,
+            config=config,
+            opts=sizes.opts,
+            size=list(sizes.image),
+            batches=list(sizes.train_batches),
+            device=args.device,
+            threads=args.threads,
+        )
         cmd = [sys.executable, os.path.abspath(__file__), "--memory-worker", json.dumps(spec)]
-        procs[label] = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        procs[label] = subprocess.Popen(
+            cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
     out = {}
     for label, proc in procs.items():
         stdout, stderr = proc.communicate(timeout=600)
         for line in stdout.splitlines():
             if line.startswith("GPU_CHECK_MEMORY "):
-                out[label] = json.loads(line[len("GPU_CHECK_MEMORY "):])
+                out[label] = json.loads(line[len("GPU_CHECK_MEMORY ") :])
         if label not in out:
             raise RuntimeError(f"memory worker for {label} failed:\n{stderr[-3000:]}")
     return out
@@ -729,8 +933,9 @@ def _measure_memory(args, sizes, configs):
 
 def section_benchmark(args, sizes):
     bench = load_tool("benchmark")
-    bargs = argparse.Namespace(size=sizes.image, train_batch=sizes.train_batches[0], device=args.device,
-                               clock="wall")  # fmt: skip
+    bargs = argparse.Namespace(
+        size=sizes.image, train_batch=sizes.train_batches[0], device=args.device, clock="wall"
+    )
     labels = {"RetinaNet": RETINANET_CFG, "HAR-Net": HARNET_CFG}
     runners = {k: bench.Runner(k, path, sizes.opts, bargs) for k, path in labels.items()}
     res = {k: {} for k in labels}
@@ -753,7 +958,9 @@ def section_benchmark(args, sizes):
             r.train_inputs = bench.make_inputs(sizes.image, batch, args.device, seed=2)
             for _ in range(sizes.warmup):
                 r.train_step()
-        for _ in tqdm(range(sizes.bench_iters), desc=f"training batch {batch} (interleaved)", leave=False):
+        for _ in tqdm(
+            range(sizes.bench_iters), desc=f"training batch {batch} (interleaved)", leave=False
+        ):
             for k, r in runners.items():
                 times[k].append(r.train_step())
         for k in labels:
@@ -768,23 +975,42 @@ def section_benchmark(args, sizes):
     gpu = args.device == "cuda"
     rows = []
     for key, label, target in (
-        [(f"train_b{b}_s", f"training s/iter, batch {b}", TARGETS["train_ratio"]) for b in sizes.train_batches]
-        + [("network_ms", "inference ms, batch 1, network", TARGETS["infer_ratio"]),
-           ("infer_ms", "inference ms, batch 1, end to end", TARGETS["infer_ratio"])]
-        + [(f"mem_train_b{b}_mib", f"peak MiB, training batch {b}", None) for b in sizes.train_batches]
+        [
+            (f"train_b{b}_s", f"training s/iter, batch {b}", TARGETS["train_ratio"])
+            for b in sizes.train_batches
+        ]
+        + [
+            ("network_ms", "inference ms, batch 1, network", TARGETS["infer_ratio"]),
+            ("infer_ms", "inference ms, batch 1, end to end", TARGETS["infer_ratio"]),
+        ]
+        + [
+            (f"mem_train_b{b}_mib", f"peak MiB, training batch {b}", None)
+            for b in sizes.train_batches
+        ]
         + [("mem_infer_b1_mib", "peak MiB, inference batch 1", None)]
-    ):  # fmt: skip
+    ):
         h, b = res["HAR-Net"][key], res["RetinaNet"][key]
         ratio = h / b if b else math.inf
         text = f"{label}: HAR-Net {h:.4g} / RetinaNet {b:.4g}, ratio"
         if target is None or not gpu:
-            rows.append(row(text + ("" if target is None else " (GPU target; CPU: informative)"),
-                            ratio, target if target else "", True, target_met=None if target is None else ratio <= target))  # fmt: skip
+            rows.append(
+                row(
+                    text + ("" if target is None else " (GPU target; CPU: informative)"),
+                    ratio,
+                    target if target else "",
+                    True,
+                    target_met=None if target is None else ratio <= target,
+                )
+            )
         else:
             rows.append(row(text, ratio, target, ratio <= target, target_met=ratio <= target))
-    info = dict(results=res, image=list(sizes.image), iterations=dict(train=sizes.bench_iters, infer=sizes.infer_iters),
-                note="random weights (lr 0: weights stay put); end-to-end inference includes candidate "
-                     "selection and NMS, whose cost depends on the candidates random weights produce")  # fmt: skip
+    info = dict(
+        results=res,
+        image=list(sizes.image),
+        iterations=dict(train=sizes.bench_iters, infer=sizes.infer_iters),
+        note="random weights (lr 0: weights stay put); end-to-end inference includes candidate "
+        "selection and NMS, whose cost depends on the candidates random weights produce",
+    )
     return dict(info=info, rows=rows)
 
 
@@ -815,19 +1041,32 @@ def section_postprocess(args, sizes):
             "soft-NMS gaussian": lambda: batched_soft_nms(b, s, c, "gaussian", 0.5),
             "soft-NMS linear": lambda: batched_soft_nms(b, s, c, "linear", 0.5, 0.5),
             "box voting caffe": lambda: batched_box_voting(b[k], ks, c[k], b, s, c, 0.6, "caffe"),
-            "suppress_detections, authors' settings": lambda: suppress_detections(b, s, c, **bp.AUTHORS),
+            "suppress_detections, authors' settings": lambda: suppress_detections(
+                b, s, c, **bp.AUTHORS
+            ),
         }
         base = None
         for op, fn in ops.items():
             ms = _time_ms(fn, sizes.pp_repeats, dev)
             base = base or ms
             timings[f"{set_name} | {op}"] = ms
-            target = TARGETS["gaussian_coco_ms"] if (op == "soft-NMS gaussian" and set_name.startswith("COCO")) else None
+            target = (
+                TARGETS["gaussian_coco_ms"]
+                if (op == "soft-NMS gaussian" and set_name.startswith("COCO"))
+                else None
+            )
             text = f"{op}, {set_name}, {dev}: ms (x{ms / base:.1f} batched_nms)"
             met = None if target is None else ms <= target
             gate = target is not None and dev == "cuda" and not sizes.quick
-            rows.append(row(text + ("" if target is None or gate else " (GPU target; informative here)"),
-                            ms, target if target else "", met if gate else True, target_met=met))  # fmt: skip
+            rows.append(
+                row(
+                    text + ("" if target is None or gate else " (GPU target; informative here)"),
+                    ms,
+                    target if target else "",
+                    met if gate else True,
+                    target_met=met,
+                )
+            )
     return dict(info=dict(timings_ms=timings, repeats=sizes.pp_repeats), rows=rows)
 
 
@@ -859,20 +1098,31 @@ def render_markdown(report):
             ok = "yes" if r["ok"] else "**no**"
             if r.get("target_met") is not None and r["ok"]:
                 ok += " (target met)" if r["target_met"] else " (target missed)"
-            lines.append(f"| {name} | {r['check']} | {_fmt(r['value'])} | {_fmt(r['limit'])} | {ok} |")
+            lines.append(
+                f"| {name} | {r['check']} | {_fmt(r['value'])} | {_fmt(r['limit'])} | {ok} |"
+            )
     lines += ["", "Command: python tools/gpu_check.py " + " ".join(report["argv"])]
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n", 1)[1])  # fmt: skip
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n", 1)[1],
+    )
     p.add_argument("--cpu", action="store_true", help="run on the CPU (CPU-vs-CPU comparisons)")
     p.add_argument("--quick", action="store_true", help="tiny sizes (ResNet-18, 64x96 images)")
-    p.add_argument("--out", default="gpu_check_out", help="folder for gpu_check.json / gpu_check.md")
-    p.add_argument("--sections", nargs="+", choices=SECTIONS[1:], default=list(SECTIONS[1:]),
-                   help="sections to run (default: all)")
+    p.add_argument(
+        "--out", default="gpu_check_out", help="folder for gpu_check.json / gpu_check.md"
+    )
+    p.add_argument(
+        "--sections",
+        nargs="+",
+        choices=SECTIONS[1:],
+        default=list(SECTIONS[1:]),
+        help="sections to run (default: all)",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--pytest-timeout", type=int, default=300, help=argparse.SUPPRESS)
     p.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
@@ -890,9 +1140,14 @@ def main(argv=None):
     sizes = Sizes(args.quick)
     import harnet  # noqa: F401  (registers the architectures)
 
-    fns = dict(environment=section_environment, cuda_tests=section_cuda_tests,
-               equivalence=section_equivalence, training=section_training,
-               benchmark=section_benchmark, postprocess=section_postprocess)  # fmt: skip
+    fns = dict(
+        environment=section_environment,
+        cuda_tests=section_cuda_tests,
+        equivalence=section_equivalence,
+        training=section_training,
+        benchmark=section_benchmark,
+        postprocess=section_postprocess,
+    )
     start = time.perf_counter()
     report = dict(argv=argv)
     todo = ["environment"] + args.sections
@@ -917,11 +1172,15 @@ def main(argv=None):
         report[name]["wall_s"] = time.perf_counter() - t0
         report[name]["cpu_s"] = cpu_seconds() - c0
         failed = [r["check"] for r in report[name]["rows"] if not r["ok"]]
-        log(f"{name}: {len(report[name]['rows'])} checks, {len(failed)} failed "
-            f"({report[name]['wall_s']:.1f} s)" + "".join(f"\n    FAILED: {c}" for c in failed))  # fmt: skip
+        log(
+            f"{name}: {len(report[name]['rows'])} checks, {len(failed)} failed "
+            f"({report[name]['wall_s']:.1f} s)" + "".join(f"\n    FAILED: {c}" for c in failed)
+        )
     report["wall_s"] = time.perf_counter() - start
     report["cpu_s"] = cpu_seconds()  # includes the imports before `start`
-    report["ok"] = all(not report[n].get("error") and all(r["ok"] for r in report[n]["rows"]) for n in SECTIONS)
+    report["ok"] = all(
+        not report[n].get("error") and all(r["ok"] for r in report[n]["rows"]) for n in SECTIONS
+    )
     with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
         json.dump(report, f, indent=1, default=str)
     text = render_markdown(report)

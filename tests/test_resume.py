@@ -186,3 +186,24 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path):
     diff = max(float((a["model"][k].double() - b["model"][k].double()).abs().max())
                for k in a["model"])
     assert diff == 0.0, f"max weight difference {diff}"
+
+
+def test_lazy_config_train_loader_is_resumable():
+    from detectron2.config import LazyConfig
+    from detectron2.data import DatasetCatalog
+
+    from harnet.engine import LazyConfigTrainer
+
+    name = "issue17_lazy_resume"
+    data = [dict(d, image_id=i, annotations=[]) for i, d in enumerate(_fake_dataset(12))]
+    DatasetCatalog.register(name, lambda: data)
+    try:
+        cfg = LazyConfig.load(os.path.join(ROOT, "configs", "HARNet", "demo", "har_R18_shapes_demo.py"))
+        cfg = LazyConfig.apply_overrides(cfg, [f"dataloader.train.dataset.names={name}",
+                                               "dataloader.train.dataset.filter_empty=False",
+                                               "train.seed=5"])
+        loader = LazyConfigTrainer.build_train_loader(cfg)
+        assert isinstance(loader, ResumableTrainLoader)
+        assert (loader.seed, loader.batch_size, len(loader.dataset)) == (5, 4, 12)
+    finally:
+        DatasetCatalog.remove(name)

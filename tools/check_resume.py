@@ -97,6 +97,7 @@ def main(argv=None):
     if min(args.procs) < 1 or args.iters < 2:
         p.error("--procs must be >= 1 and --iters >= 2")
     work = args.work or tempfile.mkdtemp(prefix="check_resume_")
+    os.makedirs(work, exist_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if args.no_jit:
         env["PYTORCH_JIT"] = "0"

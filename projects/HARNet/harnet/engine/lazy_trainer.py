@@ -15,11 +15,14 @@ and keeps ``DefaultTrainer``'s hooks, checkpointing, resume, evaluation and metr
 printing unchanged.
 """
 import copy
+import functools
 import logging
 import weakref
 from collections import OrderedDict
 
 from detectron2.config import instantiate
+from detectron2.data import build_detection_train_loader
+from detectron2.data.samplers import TrainingSampler
 from detectron2.engine import create_ddp_model, default_writers, hooks
 from detectron2.engine.train_loop import TrainerBase
 from detectron2.evaluation import COCOEvaluator, inference_on_dataset, print_csv_format
@@ -28,6 +31,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from omegaconf import OmegaConf
 
+from ..data.samplers import ResumableTrainLoader
 from .faults import AtomicDetectionCheckpointer, GuardedAMPTrainer, GuardedSimpleTrainer
 from .trainer import HARNetTrainer, ddp_kwargs_for, fast_coco_eval_available
 
@@ -97,7 +101,29 @@ class LazyConfigTrainer(HARNetTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        return instantiate(cfg.dataloader.train)
+        """``cfg.dataloader.train``; when it is Detectron2's ``build_detection_train_loader``
+        with only the usual arguments (``dataset``, ``mapper``, ``total_batch_size``,
+        ``aspect_ratio_grouping``, ``num_workers``), the same data and batching as
+        :class:`harnet.data.samplers.ResumableTrainLoader` (``TrainingSampler`` seeded with
+        ``train.seed``), which ``--resume`` starts at the resumed iteration."""
+        loader_cfg = cfg.dataloader.train
+        plain = loader_cfg.get("_target_") in (
+            build_detection_train_loader, _qualname(build_detection_train_loader))
+        usual = {"_target_", "dataset", "mapper", "total_batch_size", "aspect_ratio_grouping",
+                 "num_workers"}
+        if not plain or not set(loader_cfg.keys()) <= usual:
+            return instantiate(loader_cfg)
+        dataset = instantiate(loader_cfg.dataset)
+        if not isinstance(dataset, list):
+            return instantiate(loader_cfg)
+        seed = _select(cfg, "train.seed", -1)
+        seed = seed if seed >= 0 else comm.shared_random_seed()
+        return ResumableTrainLoader(
+            dataset, instantiate(loader_cfg.mapper),
+            functools.partial(TrainingSampler, len(dataset)), loader_cfg.total_batch_size, seed,
+            aspect_ratio_grouping=loader_cfg.get("aspect_ratio_grouping", True),
+            num_workers=loader_cfg.get("num_workers", 0),
+        )
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name=None):

@@ -5,13 +5,17 @@
 ``batched_nms`` on the same input in the same run, on CPU and on GPU when available. Inputs
 are synthetic but shaped like a RetinaNet's candidates before suppression: clusters of
 jittered boxes around objects (more candidates for larger objects, scores falling with the
-jitter), weaker copies in confusable categories, and low-scoring background boxes.
+jitter), weaker copies in confusable categories, and low-scoring background boxes; and
+dense scenes (:func:`dense_scene_candidates`: thousands of overlapping boxes, one category
+or 80). ``--fallback`` adds the PyTorch soft-NMS loop (what runs without numba, on GPU and
+in exported models), eager and TorchScript-compiled.
 
 ``model``: a HARRetinaNet (random weights: no checkpoint needed) on one image: the share of
 the post-processing (``model.suppress``) in the CPU inference time, and the time of
 single-scale vs double-scale vs double-scale + flip TTA.
 
   python tools/benchmark_postprocess.py ops --repeats 20
+  python tools/benchmark_postprocess.py ops --threads 1 --cases 4 5 6 --fallback
   python tools/benchmark_postprocess.py model --config-file configs/HARNet/har_R_50_FPN_1x.yaml
 
 Both print markdown tables (median milliseconds; ratios against the baseline measured in
@@ -23,12 +27,14 @@ import copy
 import math
 import statistics
 import time
+import warnings
 
 import torch
 from torchvision.ops import batched_nms
 from tqdm import tqdm
 
 from harnet.layers import batched_box_voting, batched_soft_nms, suppress_detections
+from harnet.layers.soft_nms import batched_soft_nms_scriptable
 
 AUTHORS = dict(
     nms_type="gaussian",
@@ -36,7 +42,7 @@ AUTHORS = dict(
     soft_nms_min_score=0.001,
     voting=True,
     voting_iou=0.6,
-    voting_scoring="caffe",
+    voting_scoring="unclaimed_top4",
     max_detections=400,
     min_score=0.05,
 )
@@ -158,6 +164,12 @@ def _time_ms(fn, repeats, device):
     return statistics.median(times)
 
 
+def _scripted_soft_nms():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.script(batched_soft_nms_scriptable)
+
+
 def run_ops(args):
     devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     cases = [
@@ -185,8 +197,8 @@ def run_ops(args):
                 "torchvision batched_nms (baseline)": lambda: batched_nms(b, s, c, 0.5),
                 "soft-NMS gaussian": lambda: batched_soft_nms(b, s, c, "gaussian", 0.5),
                 "soft-NMS linear": lambda: batched_soft_nms(b, s, c, "linear", 0.5, 0.5),
-                "box voting caffe (on the gaussian output)": lambda: batched_box_voting(
-                    b[k], ns, c[k], b, s, c, 0.6, "caffe"
+                "box voting unclaimed_top4 (on the gaussian output)": lambda: batched_box_voting(
+                    b[k], ns, c[k], b, s, c, 0.6, "unclaimed_top4"
                 ),
                 "box voting max (on the gaussian output)": lambda: batched_box_voting(
                     b[k], ns, c[k], b, s, c, 0.6, "max"
@@ -195,6 +207,15 @@ def run_ops(args):
                     b, s, c, **AUTHORS
                 ),
             }
+            if args.fallback:
+                # The portable loop (GPU, no numba, exported models), eager and TorchScript.
+                scripted = _scripted_soft_nms()
+                ops["soft-NMS gaussian, PyTorch loop"] = lambda: batched_soft_nms_scriptable(
+                    b, s, c, "gaussian", 0.5, 0.3, 0.001
+                )
+                ops["soft-NMS gaussian, PyTorch loop, TorchScript"] = lambda: scripted(
+                    b, s, c, "gaussian", 0.5, 0.3, 0.001
+                )
             base = None
             for op, fn in ops.items():
                 ms = _time_ms(fn, args.repeats, device)
@@ -314,6 +335,9 @@ def main():
     ops.add_argument("--devices", nargs="+", default=None, help="default: cpu [cuda]")
     ops.add_argument("--repeats", type=int, default=10)
     ops.add_argument("--cases", type=int, nargs="+", default=None, help="case numbers (default: all)")
+    ops.add_argument(
+        "--fallback", action="store_true", help="also time the PyTorch soft-NMS loop (no numba)"
+    )
     mod = sub.add_parser("model", help="post-processing share and TTA cost in a model")
     mod.add_argument("--config-file", default="configs/HARNet/har_R_50_FPN_1x.yaml")
     mod.add_argument("--device", default="cpu")

@@ -120,8 +120,8 @@ class ResumableTrainLoader:
         dataset (list[dict]): Detectron2 dataset dicts (with ``width``/``height`` when
             ``aspect_ratio_grouping``).
         mapper (callable): dataset dict -> model input dict.
-        make_sampler (callable): ``make_sampler(seed=seed)`` -> a Detectron2 training sampler
-            whose iteration is this rank's infinite index stream for that seed.
+        make_sampler (callable): ``make_sampler(seed=seed)`` -> a Detectron2 training
+            sampler whose iteration is this rank's infinite index stream for that seed.
         total_batch_size (int): images per iteration over all ranks.
         seed (int): the data seed (same on every rank).
         aspect_ratio_grouping (bool): batch landscape and portrait images separately.

@@ -144,7 +144,8 @@ def build_config(args, purpose="train"):
         if "train" in cfg:
             cfg.train.device = _cpu_fallback(cfg.train.get("device", "cpu"), "train.device")
             max_iter = cfg.train.get("max_iter", None)
-            if purpose == "train" and not (isinstance(max_iter, int) and not isinstance(max_iter, bool) and max_iter > 0):
+            is_int = isinstance(max_iter, int) and not isinstance(max_iter, bool)
+            if purpose == "train" and not (is_int and max_iter > 0):
                 raise ValueError(f"train.max_iter must be a positive int, got {max_iter!r}")
         return cfg
     cfg = get_cfg()
@@ -191,7 +192,8 @@ def apply_checked_overrides(cfg, overrides):
             node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
             keys = list(node.keys()) if isinstance(node, DictConfig) else []
             close = difflib.get_close_matches(leaf, [str(k) for k in keys], n=3)
-            hint = f"; did you mean {', '.join(parent + '.' + c if parent else c for c in close)}?" if close else ""
+            close = [f"{parent}.{c}" if parent else c for c in close]
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise KeyError(f"LazyConfig override {o!r}: the config has no key {key!r}{hint}")
         try:
             new = ast.literal_eval(text)

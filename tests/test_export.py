@@ -28,8 +28,7 @@ VARIANTS = {
 }  # fmt: skip
 
 # Run in a fresh interpreter: nothing of Detectron2 or HARNet is imported.
-LOAD_AND_RUN = textwrap.dedent(
-    """
+LOAD_AND_RUN = textwrap.dedent("""
     import sys, torch, torchvision  # torchvision registers nms / deform_conv2d
     out_dir = sys.argv[1]
     images = torch.load(f"{out_dir}/images.pt")
@@ -48,8 +47,7 @@ LOAD_AND_RUN = textwrap.dedent(
             with torch.no_grad():
                 results[name] = [model(im) for im in images]
     torch.save(results, f"{out_dir}/results.pt")
-    """
-)
+    """)
 
 
 def _run(cmd, env=None):
@@ -137,7 +135,9 @@ def test_onnx_network_then_postprocessing_gives_the_eager_detections(exported):
             det = detections_from_head_outputs(model, outputs, size)
             assert len(det) == len(eager) > 10
             same_class = det.pred_classes[:, None] == eager.pred_classes[None, :]
-            box_diff = (det.pred_boxes.tensor[:, None] - eager.pred_boxes.tensor[None]).abs().amax(2)
+            box_diff = (
+                (det.pred_boxes.tensor[:, None] - eager.pred_boxes.tensor[None]).abs().amax(2)
+            )
             score_diff = (det.scores[:, None] - eager.scores[None]).abs()
             match = same_class & (box_diff < 1e-2) & (score_diff < 1e-4)
             found = match.any(dim=1).float().mean()

@@ -26,7 +26,9 @@ def run_backend(backend, boxes, scores, idxs, method, sigma, iou_threshold, scor
     fn = batched_soft_nms_scriptable
     if backend == "torchscript":
         fn = _scripted_soft_nms()
-    return fn(boxes, scores, idxs, method, float(sigma), float(iou_threshold), float(score_threshold))
+    return fn(
+        boxes, scores, idxs, method, float(sigma), float(iou_threshold), float(score_threshold)
+    )
 
 
 _SCRIPTED = []
@@ -121,7 +123,9 @@ def test_batched_matches_slow_definition(method, backend):
             n, num_classes=1 + trial % 4, g=g, clustered=trial % 3 > 0
         )
         sigma, thr, min_score = (0.5, 0.3, 0.001) if trial % 2 else (0.2, 0.5, 0.05)
-        keep, new_scores = run_backend(backend, boxes, scores, classes, method, sigma, thr, min_score)
+        keep, new_scores = run_backend(
+            backend, boxes, scores, classes, method, sigma, thr, min_score
+        )
         ref = slow_soft_nms(boxes, scores, classes, method, sigma, thr, min_score)
         assert_matches_reference(keep, new_scores, *ref)
 
@@ -250,7 +254,9 @@ def test_hard_equals_torchvision_nms(iou_threshold):
             args = (boxes, scores, classes, torch.arange(n), "hard", 0.5, iou_threshold, 0.0)
             loop_keep, loop_scores = _by_decreasing_score(*loop(*args))
             assert loop_keep.tolist() == expected
-            torch.testing.assert_close(loop_scores, scores[loop_keep], rtol=0, atol=0, check_dtype=False)
+            torch.testing.assert_close(
+                loop_scores, scores[loop_keep], rtol=0, atol=0, check_dtype=False
+            )
 
 
 def test_hard_with_score_threshold_is_nms_of_the_boxes_above_it():

@@ -179,8 +179,16 @@ def run_ops(args):
             synthetic_candidates,
             dict(num_candidates=2000, num_objects=24),
         ),
-        ("few objects, 1 cls", synthetic_candidates, dict(num_candidates=1000, dense=True, num_objects=40)),
-        ("few objects, 1 cls", synthetic_candidates, dict(num_candidates=4000, dense=True, num_objects=120)),
+        (
+            "few objects, 1 cls",
+            synthetic_candidates,
+            dict(num_candidates=1000, dense=True, num_objects=40),
+        ),
+        (
+            "few objects, 1 cls",
+            synthetic_candidates,
+            dict(num_candidates=4000, dense=True, num_objects=120),
+        ),
         ("dense scene, 80 cls", dense_scene_candidates, dict(num_candidates=1000, num_classes=80)),
         ("dense scene, 1 cls", dense_scene_candidates, dict(num_candidates=1000)),
         ("dense scene, 1 cls", dense_scene_candidates, dict(num_candidates=4000)),
@@ -334,7 +342,9 @@ def main():
     ops = sub.add_parser("ops", help="post-processing ops vs batched_nms")
     ops.add_argument("--devices", nargs="+", default=None, help="default: cpu [cuda]")
     ops.add_argument("--repeats", type=int, default=10)
-    ops.add_argument("--cases", type=int, nargs="+", default=None, help="case numbers (default: all)")
+    ops.add_argument(
+        "--cases", type=int, nargs="+", default=None, help="case numbers (default: all)"
+    )
     ops.add_argument(
         "--fallback", action="store_true", help="also time the PyTorch soft-NMS loop (no numba)"
     )

@@ -78,11 +78,19 @@ def check(model, exported_path, fmt, sizes):
                 got = [boxes, scores, classes]
                 want = [eager.pred_boxes.tensor, eager.scores, eager.pred_classes]
             else:
-                got = [torch.from_numpy(o) for o in session.run(None, {"image": image.cpu().numpy()})]
+                got = [
+                    torch.from_numpy(o) for o in session.run(None, {"image": image.cpu().numpy()})
+                ]
                 want = [t.cpu() for t in HeadOutputs(model)(image)]
         same_count = all(a.shape == b.shape for a, b in zip(got, want))
-        diff = max((float((a.float() - b.float()).abs().max()) for a, b in zip(got, want) if a.numel()), default=0.0)
-        print(f"{h}x{w}: {'same shapes' if same_count else 'DIFFERENT SHAPES'}, max |difference| {diff:.3g}")
+        diff = max(
+            (float((a.float() - b.float()).abs().max()) for a, b in zip(got, want) if a.numel()),
+            default=0.0,
+        )
+        print(
+            f"{h}x{w}: {'same shapes' if same_count else 'DIFFERENT SHAPES'}, "
+            f"max |difference| {diff:.3g}"
+        )
 
 
 def main(argv=None):

@@ -87,7 +87,9 @@ def _decode_per_level_sliced(
     scores, order = pred_scores[keep].sort(descending=True)
     candidates = torch.nonzero(keep)[order[:topk_candidates]]
     anchor_idxs, classes = candidates.unbind(dim=1)
-    boxes = self.box2box_transform.apply_deltas(pred_deltas[anchor_idxs], anchors.tensor[anchor_idxs])
+    boxes = self.box2box_transform.apply_deltas(
+        pred_deltas[anchor_idxs], anchors.tensor[anchor_idxs]
+    )
     return Instances(
         image_size, pred_boxes=Boxes(boxes), scores=scores[:topk_candidates], pred_classes=classes
     )
@@ -154,7 +156,10 @@ def export_onnx(model: nn.Module, image: Tensor, path: str, opset_version: int =
             path,
             input_names=["image"],
             output_names=names,
-            dynamic_axes={"image": {1: "height", 2: "width"}, **{n: {2: f"{n}_h", 3: f"{n}_w"} for n in names}},
+            dynamic_axes={
+                "image": {1: "height", 2: "width"},
+                **{n: {2: f"{n}_h", 3: f"{n}_w"} for n in names},
+            },
             opset_version=opset_version,
             dynamo=False,
         )
@@ -167,7 +172,9 @@ def _register_deform_conv_symbolic(opset_version: int) -> None:
     from torch.onnx.symbolic_helper import parse_args
 
     if opset_version < 19:
-        raise ValueError(f"HARNet's deformable convolution needs ONNX opset >= 19, got {opset_version}")
+        raise ValueError(
+            f"HARNet's deformable convolution needs ONNX opset >= 19, got {opset_version}"
+        )
 
     @parse_args("v", "v", "v", "v", "v", "i", "i", "i", "i", "i", "i", "i", "i", "b")
     def deform_conv2d(g, x, weight, offset, mask, bias, stride_h, stride_w, pad_h, pad_w,

@@ -82,7 +82,12 @@ def greedy_soft_nms_torch(
 
 
 def _pack_rows(
-    boxes: Tensor, scores: Tensor, idxs: Tensor, candidates: Tensor, log_space: bool, dtype: torch.dtype
+    boxes: Tensor,
+    scores: Tensor,
+    idxs: Tensor,
+    candidates: Tensor,
+    log_space: bool,
+    dtype: torch.dtype,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Scores ``[R, C]`` (log-scores in log space), coordinates ``[4, R, C]`` and box
     indices ``[R, C]`` (-1: empty slot), one row per category (see the module doc)."""
@@ -123,11 +128,18 @@ def _pair_decays(
     if rows * cols * cols > budget:
         return None
     b = coords.permute(1, 2, 0)
-    return _decay(elementwise_iou(b[:, :, None, :], b[:, None, :, :]), method, inv_sigma, iou_threshold)
+    return _decay(
+        elementwise_iou(b[:, :, None, :], b[:, None, :, :]), method, inv_sigma, iou_threshold
+    )
 
 
 def _decay_by_picked(
-    coords: Tensor, area: Tensor, picked: Tensor, method: str, inv_sigma: float, iou_threshold: float
+    coords: Tensor,
+    area: Tensor,
+    picked: Tensor,
+    method: str,
+    inv_sigma: float,
+    iou_threshold: float,
 ) -> Tensor:
     """Decays ``[R, C]`` of each row's boxes by the row's picked box (``picked: [R, 1]``)."""
     p = coords.gather(2, picked[None].expand(4, -1, -1))  # [4, R, 1]
@@ -171,7 +183,9 @@ def _greedy_loop(
             decay = decay.squeeze(1)
         else:
             decay = _decay_by_picked(coords, area, picked, method, inv_sigma, iou_threshold)
-        score_rows = _decayed(score_rows, decay, picked, log_space, threshold, zero_weight_drops, neg_inf)
+        score_rows = _decayed(
+            score_rows, decay, picked, log_space, threshold, zero_weight_drops, neg_inf
+        )
         step += 1
         if step < next_check and step < max_steps:
             continue
@@ -191,9 +205,13 @@ def _greedy_loop(
             score_rows = score_rows[r, source].masked_fill_(padding, float("-inf"))
             coords, index_rows, area = coords[:, r, source], index_rows[r, source], area[r, source]
             if pair_decays is not None:
-                pair_decays = pair_decays[live_rows[:, None, None], source[:, :, None], source[:, None, :]]
+                pair_decays = pair_decays[
+                    live_rows[:, None, None], source[:, :, None], source[:, None, :]
+                ]
             else:  # now perhaps small enough
-                pair_decays = _pair_decays(coords, method, inv_sigma, iou_threshold, pair_decays_budget)
+                pair_decays = _pair_decays(
+                    coords, method, inv_sigma, iou_threshold, pair_decays_budget
+                )
         max_steps = step + score_rows.shape[1]
 
     keep = torch.cat(kept_index).squeeze(1)

@@ -129,7 +129,9 @@ def batched_box_voting(
     check_boxes(candidate_boxes, "candidate_boxes")
     check_scores(candidate_scores, candidate_boxes.shape[0], "candidate_scores", "candidate_boxes")
     check_category_indices(idxs, boxes.shape[0], "idxs", "boxes")
-    check_category_indices(candidate_idxs, candidate_boxes.shape[0], "candidate_idxs", "candidate_boxes")
+    check_category_indices(
+        candidate_idxs, candidate_boxes.shape[0], "candidate_idxs", "candidate_boxes"
+    )
     check_same_device(
         boxes=boxes,
         scores=scores,
@@ -144,7 +146,14 @@ def batched_box_voting(
     if candidate_scores.numel() and bool((candidate_scores < 0).any()):
         raise ValueError("candidate_scores must be non-negative (they weight the mean)")
     return batched_box_voting_scriptable(
-        boxes, scores, idxs, candidate_boxes, candidate_scores, candidate_idxs, float(iou_threshold), scoring
+        boxes,
+        scores,
+        idxs,
+        candidate_boxes,
+        candidate_scores,
+        candidate_idxs,
+        float(iou_threshold),
+        scoring,
     )
 
 
@@ -189,7 +198,9 @@ def batched_box_voting_scriptable(
             kb, ks, k_idx, k_order, cb, cs, c_idx, c_order, windows, iou_threshold
         )
     else:
-        voted_boxes, voted_scores, has = _weighted_voting(kb, ks, k_idx, cb, cs, c_idx, windows, iou_threshold, scoring)
+        voted_boxes, voted_scores, has = _weighted_voting(
+            kb, ks, k_idx, cb, cs, c_idx, windows, iou_threshold, scoring
+        )
     # Back to the input order, and to the input scale and dtype.
     has_in_order = torch.zeros_like(has).index_copy_(0, k_order, has)
     voted_in_order = torch.empty_like(voted_boxes).index_copy_(0, k_order, voted_boxes)
@@ -207,7 +218,13 @@ def _sorted_by_category_and_x1(boxes: Tensor, idxs: Tensor) -> Tuple[Tensor, Ten
 
 
 def _candidate_windows(
-    kb: Tensor, k_idx: Tensor, cb: Tensor, c_idx: Tensor, iou_threshold: float, block_budget: int, rows_per_block: int
+    kb: Tensor,
+    k_idx: Tensor,
+    cb: Tensor,
+    c_idx: Tensor,
+    iou_threshold: float,
+    block_budget: int,
+    rows_per_block: int,
 ) -> List[List[int]]:
     """Blocks of kept boxes ``[start, end)`` with the candidate range ``[lo, hi)`` their
     voters lie in (both sides sorted by (category, x1)): ``[start, end, lo, hi,
@@ -251,7 +268,10 @@ def _candidate_windows(
         while end - start > 1 and (end - start) * (hi_run[end - 1] - lo[start]) > block_budget:
             end = start + (end - start) // 2
         block_lo, block_hi = lo[start], max(hi_run[end - 1], lo[start])
-        one = block_hi > block_lo and k_cat[start] == k_cat[end - 1] == c_cat[block_lo] == c_cat[block_hi - 1]
+        one = (
+            block_hi > block_lo
+            and k_cat[start] == k_cat[end - 1] == c_cat[block_lo] == c_cat[block_hi - 1]
+        )
         blocks.append([start, end, block_lo, block_hi, int(one)])
         start = end
     return blocks
@@ -270,7 +290,7 @@ def _weighted_voting(
     kb: Tensor, ks: Tensor, k_idx: Tensor, cb: Tensor, cs: Tensor, c_idx: Tensor,
     windows: List[List[int]], iou_threshold: float, scoring: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    """"max" / "keep" / "avg": every candidate at IoU >= threshold votes."""
+    """ "max" / "keep" / "avg": every candidate at IoU >= threshold votes."""
     k = kb.shape[0]
     weight_sum = torch.zeros(k, dtype=kb.dtype, device=kb.device)
     weighted_boxes = torch.zeros((k, 4), dtype=kb.dtype, device=kb.device)
@@ -288,7 +308,9 @@ def _weighted_voting(
         weight_sum[start:end] = w.sum(dim=1)
         weighted_boxes[start:end] = w @ cb[lo:hi]
     has = weight_sum > 0
-    voted_boxes = weighted_boxes / torch.where(has, weight_sum, torch.ones_like(weight_sum))[:, None]
+    voted_boxes = (
+        weighted_boxes / torch.where(has, weight_sum, torch.ones_like(weight_sum))[:, None]
+    )
     if scoring == "max":
         voted_scores = stat
     elif scoring == "avg":

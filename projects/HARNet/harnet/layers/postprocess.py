@@ -109,7 +109,12 @@ def suppress_detections(
             kept_boxes, new_scores, kept_classes, boxes, scores, classes, voting_iou, voting_scoring
         )
     return _best_detections(
-        kept_boxes, new_scores, kept_classes, voting and voting_scoring != "keep", int(max_detections), float(min_score)
+        kept_boxes,
+        new_scores,
+        kept_classes,
+        voting and voting_scoring != "keep",
+        int(max_detections),
+        float(min_score),
     )
 
 
@@ -142,7 +147,12 @@ def suppress_detections_scriptable(
             kept_boxes, new_scores, kept_classes, boxes, scores, classes, voting_iou, voting_scoring
         )
     return _best_detections(
-        kept_boxes, new_scores, kept_classes, voting and voting_scoring != "keep", max_detections, min_score
+        kept_boxes,
+        new_scores,
+        kept_classes,
+        voting and voting_scoring != "keep",
+        max_detections,
+        min_score,
     )
 
 
@@ -160,14 +170,23 @@ def scripted_suppress_detections():
 
 
 def _best_detections(
-    boxes: Tensor, scores: Tensor, classes: Tensor, resort: bool, max_detections: int, min_score: float
+    boxes: Tensor,
+    scores: Tensor,
+    classes: Tensor,
+    resort: bool,
+    max_detections: int,
+    min_score: float,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """The best ``max_detections`` (re-sorted by score after voting changed scores), then
     those scoring at least ``min_score`` (if > 0)."""
     if resort:
         scores, order = torch.sort(scores, descending=True, stable=True)
         boxes, classes = boxes[order], classes[order]
-    boxes, scores, classes = boxes[:max_detections], scores[:max_detections], classes[:max_detections]
+    boxes, scores, classes = (
+        boxes[:max_detections],
+        scores[:max_detections],
+        classes[:max_detections],
+    )
     if min_score > 0:
         above = scores >= min_score
         boxes, scores, classes = boxes[above], scores[above], classes[above]

@@ -22,7 +22,13 @@ from torch import Tensor
 from torchvision.ops import batched_nms as _tv_batched_nms
 
 from . import _soft_nms_numba
-from ._box_ops import check_boxes, check_category_indices, check_same_device, check_scores, pow2_scale
+from ._box_ops import (
+    check_boxes,
+    check_category_indices,
+    check_same_device,
+    check_scores,
+    pow2_scale,
+)
 from ._soft_nms_torch import greedy_soft_nms_torch
 
 __all__ = ["soft_nms", "batched_soft_nms", "batched_soft_nms_scriptable", "SOFT_NMS_METHODS"]
@@ -131,9 +137,15 @@ def _checked_soft_nms(boxes, scores, idxs, method, sigma, iou_threshold, score_t
     if method != "hard" and scores.numel() and bool((scores < 0).any()):
         # Multiplicative decay assumes scores >= 0 (decaying a negative score raises it).
         raise ValueError("scores must be non-negative for soft-NMS (e.g. probabilities)")
-    sigma, iou_threshold, score_threshold = float(sigma), float(iou_threshold), float(score_threshold)
+    sigma, iou_threshold, score_threshold = (
+        float(sigma),
+        float(iou_threshold),
+        float(score_threshold),
+    )
     if method == "hard" or boxes.device.type != "cpu" or not _soft_nms_numba.available():
-        return batched_soft_nms_scriptable(boxes, scores, idxs, method, sigma, iou_threshold, score_threshold)
+        return batched_soft_nms_scriptable(
+            boxes, scores, idxs, method, sigma, iou_threshold, score_threshold
+        )
     candidates = torch.nonzero(scores >= score_threshold).squeeze(1)
     keep, kept_scores = _soft_nms_numba.greedy_soft_nms_numba(
         boxes, scores, idxs, candidates, method, sigma, iou_threshold, score_threshold
@@ -159,7 +171,9 @@ def batched_soft_nms_scriptable(
     if method == "hard":
         # Hard NMS never changes a surviving score: torchvision's kernel gives the same keep.
         keep = candidates[
-            _tv_batched_nms(boxes[candidates] * scale, scores[candidates], idxs[candidates], iou_threshold)
+            _tv_batched_nms(
+                boxes[candidates] * scale, scores[candidates], idxs[candidates], iou_threshold
+            )
         ]
         return keep, scores[keep]
     keep, kept_scores = greedy_soft_nms_torch(

@@ -15,8 +15,9 @@ level); see harnet/export.py for the contract. The image is in the model's input
 
 The sample image (--sample-image, resized like the test loader; default: a random image of
 --sample-size) is only used to record the trace: the exported detector runs on any size.
---check-sizes compares the exported model with the eager one on random images of those
-sizes (default: the sample's size and twice it) and prints the largest differences.
+After exporting, the exported model is compared with the eager one on random images
+(--check-size H W, repeatable; default: the sample's size and twice it; --no-check to skip)
+and the largest differences are printed.
 """
 
 import argparse
@@ -101,8 +102,9 @@ def main(argv=None):
     parser.add_argument("--sample-image", default=None, help="image to trace with")
     parser.add_argument("--sample-size", type=int, nargs=2, default=(800, 1216), metavar=("H", "W"))
     parser.add_argument("--device", default=None, help="default: cpu")
-    parser.add_argument("--check-sizes", type=int, nargs="*", default=None, metavar="H W",
-                        help="check on images of these sizes (pairs); none to skip")  # fmt: skip
+    parser.add_argument("--check-size", type=int, nargs=2, action="append", metavar=("H", "W"),
+                        help="compare with the eager model on an image of this size")  # fmt: skip
+    parser.add_argument("--no-check", action="store_true", help="skip the comparison")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     args = parser.parse_args(argv)
     logger = setup_logger(name="harnet.export")
@@ -118,14 +120,9 @@ def main(argv=None):
         path = os.path.join(args.output, "model.onnx")
         export_onnx(model, image, path)
     logger.info(f"Exported {args.format} to {path} (traced on a {tuple(image.shape[1:])} image)")
-    if args.check_sizes is None:
-        h, w = image.shape[1:]
-        sizes = [(h, w), (2 * h, 2 * w)]
-    else:
-        if len(args.check_sizes) % 2:
-            parser.error("--check-sizes takes pairs H W")
-        sizes = list(zip(args.check_sizes[0::2], args.check_sizes[1::2]))
-    if sizes:
+    h, w = image.shape[1:]
+    sizes = args.check_size or [(h, w), (2 * h, 2 * w)]
+    if not args.no_check:
         check(model, path, args.format, sizes)
     return 0
 

@@ -328,3 +328,14 @@ def test_commands_check_only_the_datasets_they_use(tmp_path):
     with pytest.raises(FileNotFoundError, match="coco_2017_val"):
         build_config(argument_parser().parse_args(argv), purpose="eval")
     assert build_config(argument_parser().parse_args(argv), purpose="draw")
+
+
+def test_lazy_config_override_of_a_call_argument_left_at_its_default():
+    # model.test_score_thresh is an argument of RetinaNet with a default: not in the
+    # config, but a valid override (Detectron2 passes it to the call); a misspelt one is not.
+    cfg = build_config(argument_parser().parse_args(
+        ["--config-file", DEMO_PY, "model.test_score_thresh=0.0"]))
+    assert cfg.model.test_score_thresh == 0.0
+    with pytest.raises(KeyError, match="model.test_score_thresj"):
+        build_config(argument_parser().parse_args(
+            ["--config-file", DEMO_PY, "model.test_score_thresj=0.0"]))

@@ -187,9 +187,11 @@ def apply_checked_overrides(cfg, overrides):
         if not sep or not key:
             raise ValueError(f"LazyConfig override {o!r} is not of the form key=value")
         old = OmegaConf.select(cfg, key, default=missing, throw_on_missing=False)
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
+        if old is missing and _is_call_argument(node, leaf):
+            continue  # an argument of a LazyCall's target left at its default
         if old is missing:
-            parent, _, leaf = key.rpartition(".")
-            node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
             keys = list(node.keys()) if isinstance(node, DictConfig) else []
             close = difflib.get_close_matches(leaf, [str(k) for k in keys], n=3)
             close = [f"{parent}.{c}" if parent else c for c in close]
@@ -205,6 +207,30 @@ def apply_checked_overrides(cfg, overrides):
                 f"config, got {type(new).__name__} {new!r}"
             )
     return LazyConfig.apply_overrides(cfg, overrides)
+
+
+def _is_call_argument(node, name):
+    """Whether ``name`` is a parameter of the target of the LazyCall config ``node``."""
+    import inspect
+
+    from detectron2.utils.registry import locate
+
+    target = node.get("_target_") if hasattr(node, "get") else None
+    if target is None:
+        return False
+    try:
+        target = locate(target) if isinstance(target, str) else target
+        # A class whose __init__ passes **kwargs on: its bases' parameters count too.
+        chain = [c.__init__ for c in target.__mro__[:-1]] if inspect.isclass(target) else [target]
+        for fn in chain:
+            params = inspect.signature(fn).parameters
+            if name in params:
+                return True
+            if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+                return False
+    except (ImportError, TypeError, ValueError):
+        return True  # cannot tell: leave it to the call
+    return True  # **kwargs all the way up
 
 
 def _override_type_ok(old, new, containers):

@@ -167,7 +167,7 @@ def test_matches_slow_definition_on_random_sets(scoring):
         torch.testing.assert_close(got_s, torch.tensor(ref_s, dtype=got_s.dtype))
 
 
-def test_blocked_iou_gives_the_same_result():
+def test_chunked_pairs_give_the_same_result():
     g = torch.Generator().manual_seed(1)
     n = 60
     xy = torch.rand(n, 2, generator=g) * 50
@@ -175,12 +175,13 @@ def test_blocked_iou_gives_the_same_result():
     cscores, cidxs = torch.rand(n, generator=g), torch.randint(4, (n,), generator=g)
     keep, ks = batched_soft_nms(cands, cscores, cidxs)
     args = (cands[keep], ks, cidxs[keep], cands, cscores, cidxs)
-    for s in ("max", "unclaimed_top4"):
+    for s in ("max", "avg", "unclaimed_top4"):
         for thr in (0.0, 0.5):
             expected = batched_box_voting(*args, thr, s)
-            # 3 kept boxes' worth of IoUs per block, blocks spanning category boundaries.
-            blocked = batched_box_voting_scriptable(*args, thr, s, n * 3, 4)
-            torch.testing.assert_close(blocked, expected)  # float sums: other blocking
+            # Chunks of about 7 pairs (one kept box's pairs are never split; at t = 0 one
+            # has its whole category), chunks spanning category boundaries.
+            chunked = batched_box_voting_scriptable(*args, thr, s, 7)
+            torch.testing.assert_close(chunked, expected)  # float sums: other order
 
 
 def dense_scene(n, num_classes, seed):

@@ -24,6 +24,7 @@ the same run).
 
 import argparse
 import copy
+import functools
 import math
 import statistics
 import time
@@ -34,6 +35,7 @@ from torchvision.ops import batched_nms
 from tqdm import tqdm
 
 from harnet.layers import batched_box_voting, batched_soft_nms, suppress_detections
+from harnet.layers.box_voting import VOTING_SCORINGS
 from harnet.layers.soft_nms import batched_soft_nms_scriptable
 
 AUTHORS = dict(
@@ -205,12 +207,12 @@ def run_ops(args):
                 "torchvision batched_nms (baseline)": lambda: batched_nms(b, s, c, 0.5),
                 "soft-NMS gaussian": lambda: batched_soft_nms(b, s, c, "gaussian", 0.5),
                 "soft-NMS linear": lambda: batched_soft_nms(b, s, c, "linear", 0.5, 0.5),
-                "box voting unclaimed_top4 (on the gaussian output)": lambda: batched_box_voting(
-                    b[k], ns, c[k], b, s, c, 0.6, "unclaimed_top4"
-                ),
-                "box voting max (on the gaussian output)": lambda: batched_box_voting(
-                    b[k], ns, c[k], b, s, c, 0.6, "max"
-                ),
+                **{
+                    f"box voting {rule} (on the gaussian output)": functools.partial(
+                        batched_box_voting, b[k], ns, c[k], b, s, c, 0.6, rule
+                    )
+                    for rule in VOTING_SCORINGS
+                },
                 "suppress_detections, authors' settings": lambda: suppress_detections(
                     b, s, c, **AUTHORS
                 ),

@@ -335,3 +335,30 @@ def test_merge_config_errors_name_the_key(model):
         setattr(node, leaf, value)
         with pytest.raises(ValueError, match=f"cfg.TEST.AUG.{key}"):
             HARRetinaNetWithTTA(cfg, model)
+
+
+def test_view_boxes_map_back_on_their_device_as_detectron2_maps_them():
+    # Resize + flip views are per-axis affine maps: applied on the boxes' device, equal to
+    # Detectron2's apply_box on the host; a "meta" tensor (no data to copy) proves there is
+    # no host round trip. A rotation (not per-axis) takes Detectron2's path.
+    import numpy as np
+    from detectron2.data import transforms as T
+
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(50, 2, generator=g) * 300
+    boxes = torch.cat([xy, xy + 1 + torch.rand(50, 2, generator=g) * 80], 1)
+    views = [
+        T.TransformList([T.ResizeTransform(480, 640, 600, 800)]),
+        T.TransformList([T.ResizeTransform(480, 640, 333, 444), T.HFlipTransform(444)]),
+        T.TransformList([T.HFlipTransform(640), T.VFlipTransform(480)]),
+        T.TransformList([T.NoOpTransform()]),
+    ]
+    for tfm in views:
+        expected = tfm.inverse().apply_box(boxes.numpy().copy())
+        got = HARRetinaNetWithTTA._to_original(boxes, tfm)
+        torch.testing.assert_close(got, torch.as_tensor(expected), rtol=1e-6, atol=1e-4)
+        assert HARRetinaNetWithTTA._to_original(boxes.to("meta"), tfm).device.type == "meta"
+    rotation = T.RotationTransform(480, 640, angle=30, expand=True)
+    expected = rotation.inverse().apply_box(boxes.numpy().copy())
+    got = HARRetinaNetWithTTA._to_original(boxes, rotation)
+    assert np.allclose(got.numpy(), expected, atol=1e-3)

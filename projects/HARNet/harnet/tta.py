@@ -196,10 +196,24 @@ class HARRetinaNetWithTTA(nn.Module):
 
     @staticmethod
     def _to_original(boxes: torch.Tensor, tfm) -> torch.Tensor:
-        """Boxes of a view (network-input resolution) in the original image's coordinates."""
+        """Boxes of a view (network-input resolution) in the original image's coordinates.
+
+        DatasetMapperTTA's views (resize, horizontal flip) map each axis affinely: the map
+        is read off probe points on the host (no tensor data) and applied on the boxes'
+        device, with no round trip of the boxes. Other transforms go through Detectron2's
+        ``apply_box`` on the host."""
         if boxes.numel() == 0:
             return boxes
-        original = tfm.inverse().apply_box(boxes.detach().cpu().numpy())
+        inverse = tfm.inverse()
+        affine = _axis_affine(inverse)
+        if affine is not None:
+            (sx, tx), (sy, ty) = affine
+            out = boxes * boxes.new_tensor([sx, sy, sx, sy]) + boxes.new_tensor([tx, ty, tx, ty])
+            # A flipped axis swaps the roles of its two edges.
+            return out[
+                :, [2 if sx < 0 else 0, 3 if sy < 0 else 1, 0 if sx < 0 else 2, 1 if sy < 0 else 3]
+            ]
+        original = inverse.apply_box(boxes.detach().cpu().numpy())
         return torch.as_tensor(original, dtype=boxes.dtype).to(boxes.device)
 
     def _select_by_size(self, boxes, view_hw, orig_hw) -> slice:
@@ -238,3 +252,23 @@ def _wbf_params_from_cfg(cfg) -> dict:
             f"cfg.TEST.AUG.WBF.CONF_TYPE must be one of {WBF_CONF_TYPES}, got {conf_type!r}"
         )
     return dict(iou_threshold=iou, skip_threshold=skip, conf_type=conf_type)
+
+
+def _axis_affine(tfm):
+    """``((sx, tx), (sy, ty))`` when ``tfm.apply_coords`` maps ``(x, y)`` to
+    ``(sx * x + tx, sy * y + ty)`` with ``sx, sy != 0`` (resizes, flips and compositions
+    of them), checked on probe points; else None."""
+    # apply_coords may work in place (ResizeTransform does): a fresh array each call.
+    probes = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [7.0, 13.0], [-5.0, 3.0]])
+    try:
+        mapped = np.asarray(tfm.apply_coords(probes.copy()), dtype=np.float64)
+    except Exception:  # a transform without a coordinate map: the generic path
+        return None
+    if mapped.shape != probes.shape:
+        return None
+    shift = mapped[0]
+    scale = np.array([mapped[1, 0] - shift[0], mapped[2, 1] - shift[1]])
+    expected = probes * scale + shift
+    if np.all(scale != 0) and np.allclose(mapped, expected, rtol=1e-9, atol=1e-9):
+        return (float(scale[0]), float(shift[0])), (float(scale[1]), float(shift[1]))
+    return None

@@ -1,5 +1,6 @@
 """Post-processing ops: soft-NMS, box voting, weighted boxes fusion (pure tensor functions,
 CPU and GPU)."""
+
 from .box_voting import VOTING_SCORINGS, batched_box_voting, box_voting  # noqa: F401
 from .postprocess import postprocess_params_from_cfg, suppress_detections  # noqa: F401
 from .soft_nms import SOFT_NMS_METHODS, batched_soft_nms, soft_nms  # noqa: F401

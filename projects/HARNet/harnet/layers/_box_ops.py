@@ -4,7 +4,7 @@ The tensor functions are TorchScript-compatible: the post-processing that uses t
 scripted for export (see :mod:`harnet.layers.postprocess`).
 """
 
-from typing import List
+from typing import List, Tuple
 
 import torch
 from torch import Tensor
@@ -69,29 +69,42 @@ def pairwise_iou(a: Tensor, b: Tensor) -> Tensor:
                      b[0], b[1], b[2], b[3], b_area)  # fmt: skip
 
 
-def pow2_scale(boxes: List[Tensor]) -> float:
+def pow2_scale(boxes: List[Tensor]) -> Tensor:
     """A power of two to multiply the given boxes' coordinates with, so that areas cannot
     overflow in float32: 1 for any sane input, else ``s`` with ``|coordinate| * s <= 1``.
+    A 0-d float64 tensor on the boxes' device (no host synchronisation).
 
     Multiplying by a power of two is exact and IoU is scale-invariant, so IoUs (and
     score-weighted means, divided back) computed on rescaled boxes equal those on the
     originals bit for bit. Coordinates beyond ~1e19 would otherwise give infinite areas,
     NaN IoUs and weights outside [0, 1].
     """
-    m = 0.0
+    m = torch.zeros((), dtype=torch.float64, device=boxes[0].device)
     for b in boxes:
         if b.numel() > 0:
-            m = max(m, float(b.abs().max()))
-    if m <= 2.0**60:
-        return 1.0
-    exponent = int(torch.frexp(torch.tensor(m, dtype=torch.float64)).exponent)
-    return 2.0 ** (-exponent)
+            m = torch.maximum(m, b.abs().max().to(torch.float64))
+    exponent = torch.frexp(m)[1]  # m = mantissa * 2^exponent, mantissa in [0.5, 1)
+    scale = torch.ldexp(torch.ones_like(m), -exponent)
+    return torch.where(m > 2.0**60, scale, torch.ones_like(m))
 
 
 # ---------------------------------------------------------------- input checks (eager only)
-def check_boxes(boxes: Tensor, name: str = "boxes") -> None:
-    """Raise ``ValueError`` naming ``name`` unless it is a finite float Tensor[N, 4] of
-    well-formed boxes (x1 <= x2, y1 <= y2)."""
+def raise_failed(checks: List[Tuple[Tensor, str]]) -> None:
+    """Reads the 0-d boolean tensors of ``checks`` (``(ok, message)`` pairs, all on one
+    device) with one host synchronisation, and raises ``ValueError(message)`` of the first
+    that is False."""
+    if not checks:
+        return
+    ok = torch.stack([flag for flag, _ in checks]).tolist()
+    for good, (_, message) in zip(ok, checks):
+        if not good:
+            raise ValueError(message)
+
+
+def box_checks(boxes: Tensor, name: str = "boxes") -> List[Tuple[Tensor, str]]:
+    """Raise ``TypeError``/``ValueError`` naming ``name`` unless ``boxes`` is a float
+    Tensor[N, 4]; return the value checks (finite, x1 <= x2, y1 <= y2) for
+    :func:`raise_failed`."""
     if not isinstance(boxes, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(boxes).__name__}")
     if boxes.dim() != 2 or boxes.shape[1] != 4:
@@ -99,15 +112,21 @@ def check_boxes(boxes: Tensor, name: str = "boxes") -> None:
     if not boxes.is_floating_point():
         raise TypeError(f"{name} must be a floating point tensor, got {boxes.dtype}")
     if boxes.numel() == 0:
-        return
-    if not bool(torch.isfinite(boxes).all()):
-        raise ValueError(f"{name} contains non-finite values (inf or nan)")
-    if bool((boxes[:, 2:] < boxes[:, :2]).any()):
-        raise ValueError(f"{name} must satisfy x1 <= x2 and y1 <= y2 (XYXY_ABS format)")
+        return []
+    return [
+        (torch.isfinite(boxes).all(), f"{name} contains non-finite values (inf or nan)"),
+        (
+            (boxes[:, 2:] >= boxes[:, :2]).all(),
+            f"{name} must satisfy x1 <= x2 and y1 <= y2 (XYXY_ABS format)",
+        ),
+    ]
 
 
-def check_scores(scores: Tensor, num: int, name: str = "scores", boxes_name: str = "boxes"):
-    """Raise unless ``scores`` is a finite float Tensor[num]."""
+def score_checks(
+    scores: Tensor, num: int, name: str = "scores", boxes_name: str = "boxes"
+) -> List[Tuple[Tensor, str]]:
+    """Raise unless ``scores`` is a float Tensor[num]; return the value check (finite)
+    for :func:`raise_failed`."""
     if not isinstance(scores, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(scores).__name__}")
     if scores.dim() != 1 or scores.shape[0] != num:
@@ -117,8 +136,20 @@ def check_scores(scores: Tensor, num: int, name: str = "scores", boxes_name: str
         )
     if not scores.is_floating_point():
         raise TypeError(f"{name} must be a floating point tensor, got {scores.dtype}")
-    if scores.numel() and not bool(torch.isfinite(scores).all()):
-        raise ValueError(f"{name} contains non-finite values (inf or nan)")
+    if scores.numel() == 0:
+        return []
+    return [(torch.isfinite(scores).all(), f"{name} contains non-finite values (inf or nan)")]
+
+
+def check_boxes(boxes: Tensor, name: str = "boxes") -> None:
+    """Raise ``ValueError`` naming ``name`` unless it is a finite float Tensor[N, 4] of
+    well-formed boxes (x1 <= x2, y1 <= y2)."""
+    raise_failed(box_checks(boxes, name))
+
+
+def check_scores(scores: Tensor, num: int, name: str = "scores", boxes_name: str = "boxes"):
+    """Raise unless ``scores`` is a finite float Tensor[num]."""
+    raise_failed(score_checks(scores, num, name, boxes_name))
 
 
 def check_category_indices(idxs: Tensor, num: int, name: str = "idxs", boxes_name: str = "boxes"):

@@ -17,13 +17,14 @@ import torch
 from torch import Tensor
 
 from ._box_ops import (
-    check_boxes,
+    box_area,
+    box_checks,
     check_category_indices,
     check_same_device,
-    check_scores,
-    box_area,
     plane_iou,
     pow2_scale,
+    raise_failed,
+    score_checks,
 )
 
 __all__ = [
@@ -86,8 +87,8 @@ def box_voting(
         voted_boxes (Tensor[K, 4]): the refined boxes, in the order of ``boxes``.
         voted_scores (Tensor[K]): their scores, in the same order (not re-sorted).
     """
-    check_boxes(boxes, "boxes")
-    check_boxes(candidate_boxes, "candidate_boxes")
+    box_checks(boxes, "boxes")  # shapes: the values are checked once, below
+    box_checks(candidate_boxes, "candidate_boxes")
     idxs = boxes.new_zeros(boxes.shape[0], dtype=torch.int64)
     cand_idxs = candidate_boxes.new_zeros(candidate_boxes.shape[0], dtype=torch.int64)
     return batched_box_voting(
@@ -122,10 +123,14 @@ def batched_box_voting(
     Returns:
         voted_boxes (Tensor[K, 4]), voted_scores (Tensor[K]): as in :func:`box_voting`.
     """
-    check_boxes(boxes, "boxes")
-    check_scores(scores, boxes.shape[0], "scores", "boxes")
-    check_boxes(candidate_boxes, "candidate_boxes")
-    check_scores(candidate_scores, candidate_boxes.shape[0], "candidate_scores", "candidate_boxes")
+    value_checks = (
+        box_checks(boxes, "boxes")
+        + score_checks(scores, boxes.shape[0], "scores", "boxes")
+        + box_checks(candidate_boxes, "candidate_boxes")
+        + score_checks(
+            candidate_scores, candidate_boxes.shape[0], "candidate_scores", "candidate_boxes"
+        )
+    )
     check_category_indices(idxs, boxes.shape[0], "idxs", "boxes")
     check_category_indices(
         candidate_idxs, candidate_boxes.shape[0], "candidate_idxs", "candidate_boxes"
@@ -141,8 +146,10 @@ def batched_box_voting(
     scoring = canonical_voting_scoring(scoring)
     if not 0 <= iou_threshold <= 1:
         raise ValueError(f"iou_threshold must be in [0, 1], got {iou_threshold}")
-    if candidate_scores.numel() and bool((candidate_scores < 0).any()):
-        raise ValueError("candidate_scores must be non-negative (they weight the mean)")
+    if candidate_scores.numel():
+        message = "candidate_scores must be non-negative (they weight the mean)"
+        value_checks.append(((candidate_scores >= 0).all(), message))
+    raise_failed(value_checks)  # one host synchronisation for all value checks
     return batched_box_voting_scriptable(
         boxes,
         scores,
@@ -207,8 +214,9 @@ def batched_box_voting_scriptable(
     has_in_order = torch.zeros_like(has).index_copy_(0, k_order, has)
     voted_in_order = torch.empty_like(voted_boxes).index_copy_(0, k_order, voted_boxes)
     scores_in_order = torch.empty_like(voted_scores).index_copy_(0, k_order, voted_scores)
-    out_boxes[has_in_order] = (voted_in_order[has_in_order] / scale).to(out_boxes.dtype)
-    out_scores[has_in_order] = scores_in_order[has_in_order].to(out_scores.dtype)
+    voted_in_order = (voted_in_order / scale).to(out_boxes.dtype)
+    out_boxes = torch.where(has_in_order[:, None], voted_in_order, out_boxes)
+    out_scores = torch.where(has_in_order, scores_in_order.to(out_scores.dtype), out_scores)
     return out_boxes, out_scores
 
 
@@ -245,9 +253,10 @@ def _candidate_windows(
     reach = (1.0 - iou_threshold) / iou_threshold * 1.001 * max_width + slack
     x_min = torch.minimum(c_x1.min(), k_x1.min()) - 2 * reach
     span = torch.maximum(c_x1.max(), k_x1.max()) - x_min + 2 * reach + 1.0
-    categories = torch.unique(torch.cat([c_idx, k_idx]))
-    ckey = torch.searchsorted(categories, c_idx).to(f64) * span + (c_x1 - x_min)
-    kkey = torch.searchsorted(categories, k_idx).to(f64) * span + (k_x1 - x_min)
+    # (Category values, not ranks: no sync for torch.unique; huge ids fail `exact` below.)
+    c_min = torch.minimum(c_idx.min(), k_idx.min())
+    ckey = (c_idx - c_min).to(f64) * span + (c_x1 - x_min)
+    kkey = (k_idx - c_min).to(f64) * span + (k_x1 - x_min)
     lo_x = torch.searchsorted(ckey, kkey - left, right=False)
     hi_x = torch.searchsorted(ckey, kkey + right, right=True)
     # Only where the keys' rounding is far below the slack (else the category's range:
@@ -270,8 +279,11 @@ def _overlapping_pairs(
     firsts = ends - counts  # each kept box's first pair
     # Chunks of kept boxes of about pair_budget pairs each (one sync; one chunk is usual).
     total = int(ends[-1])
-    at = torch.arange(pair_budget, max(total, pair_budget), pair_budget, device=kb.device)
-    marks: List[int] = torch.searchsorted(ends, at, right=True).tolist()  # none if one chunk
+    marks: List[int] = []
+    if total > pair_budget:
+        at = torch.arange(pair_budget, total, pair_budget, device=kb.device)
+        found: List[int] = torch.searchsorted(ends, at, right=True).tolist()
+        marks = found
     marks.append(kb.shape[0])
     bounds: List[int] = [0]
     for b in marks:
@@ -350,10 +362,10 @@ def _unclaimed_top4_voting(
     voters, s = voters[by_owner], s[by_owner]
     counts = torch.bincount(owner, minlength=k)
     rank = torch.arange(owner.numel(), device=device) - (torch.cumsum(counts, 0) - counts)[owner]
-    best = rank < top
-    voters, owner, s = voters[best], owner[best], s[best]
-
-    has = torch.bincount(owner, minlength=k) > 0
+    # The best `top` of each owner vote; the others get weight 0 (no boolean mask: no sync).
+    best = (rank < top).to(s.dtype)
+    s = s * best
+    has = torch.zeros(k, dtype=s.dtype, device=device).index_add_(0, owner, best) > 0
     weight_sum = ks.clone().index_add_(0, owner, s)
     weighted = (kb * ks[:, None]).index_add_(0, owner, cb[voters] * s[:, None])
     positive = weight_sum > 0

@@ -90,7 +90,7 @@ def suppress_detections(
             int(max_detections), float(min_score),
         )  # fmt: skip
     if nms_type == "hard":
-        keep = batched_nms(boxes, scores, classes, iou_threshold)
+        keep = batched_nms(boxes.float(), scores.float(), classes, iou_threshold)
         new_scores = scores[keep]
     else:
         keep, new_scores = batched_soft_nms(
@@ -135,7 +135,7 @@ def suppress_detections_scriptable(
     """:func:`suppress_detections` without argument checks (``voting_scoring`` canonical)
     and with PyTorch ops only (no numba): TorchScript-compatible, the same detections."""
     if nms_type == "hard":
-        keep = batched_nms(boxes, scores, classes, iou_threshold)
+        keep = batched_nms(boxes.float(), scores.float(), classes, iou_threshold)
         new_scores = scores[keep]
     else:
         keep, new_scores = batched_soft_nms_scriptable(
@@ -190,7 +190,7 @@ def _best_detections(
     if min_score > 0:
         above = scores >= min_score
         boxes, scores, classes = boxes[above], scores[above], classes[above]
-    return boxes, scores, classes
+    return boxes, scores, classes.long()
 
 
 def postprocess_params_from_cfg(cfg) -> dict:

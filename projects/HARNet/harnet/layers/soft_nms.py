@@ -23,11 +23,12 @@ from torchvision.ops import batched_nms as _tv_batched_nms
 
 from . import _soft_nms_numba
 from ._box_ops import (
-    check_boxes,
+    box_checks,
     check_category_indices,
     check_same_device,
-    check_scores,
     pow2_scale,
+    raise_failed,
+    score_checks,
 )
 from ._soft_nms_torch import greedy_soft_nms_torch
 
@@ -79,10 +80,11 @@ def soft_nms(
         new_scores (Tensor[K]): the decayed scores of the kept boxes (same dtype as
             ``scores``), in the same order.
     """
-    check_boxes(boxes, "boxes")
-    check_scores(scores, boxes.shape[0], "scores", "boxes")
+    value_checks = box_checks(boxes, "boxes") + score_checks(scores, boxes.shape[0])
     idxs = torch.zeros(boxes.shape[0], dtype=torch.int64, device=boxes.device)
-    return _checked_soft_nms(boxes, scores, idxs, method, sigma, iou_threshold, score_threshold)
+    return _checked_soft_nms(
+        boxes, scores, idxs, method, sigma, iou_threshold, score_threshold, value_checks
+    )
 
 
 def batched_soft_nms(
@@ -113,10 +115,11 @@ def batched_soft_nms(
             decreasing order of their decayed scores (over all categories).
         new_scores (Tensor[K]): the decayed scores of the kept boxes, in the same order.
     """
-    check_boxes(boxes, "boxes")
-    check_scores(scores, boxes.shape[0], "scores", "boxes")
+    value_checks = box_checks(boxes, "boxes") + score_checks(scores, boxes.shape[0])
     check_category_indices(idxs, boxes.shape[0], "idxs", "boxes")
-    return _checked_soft_nms(boxes, scores, idxs, method, sigma, iou_threshold, score_threshold)
+    return _checked_soft_nms(
+        boxes, scores, idxs, method, sigma, iou_threshold, score_threshold, value_checks
+    )
 
 
 def check_soft_nms_params(method: str, sigma: float, iou_threshold: float, score_threshold: float):
@@ -131,12 +134,16 @@ def check_soft_nms_params(method: str, sigma: float, iou_threshold: float, score
         raise ValueError("score_threshold must not be NaN")
 
 
-def _checked_soft_nms(boxes, scores, idxs, method, sigma, iou_threshold, score_threshold):
+def _checked_soft_nms(
+    boxes, scores, idxs, method, sigma, iou_threshold, score_threshold, value_checks
+):
     check_same_device(boxes=boxes, scores=scores, idxs=idxs)
     check_soft_nms_params(method, sigma, iou_threshold, score_threshold)
-    if method != "hard" and scores.numel() and bool((scores < 0).any()):
+    if method != "hard" and scores.numel():
         # Multiplicative decay assumes scores >= 0 (decaying a negative score raises it).
-        raise ValueError("scores must be non-negative for soft-NMS (e.g. probabilities)")
+        message = "scores must be non-negative for soft-NMS (e.g. probabilities)"
+        value_checks = value_checks + [((scores >= 0).all(), message)]
+    raise_failed(value_checks)  # one host synchronisation for all value checks
     sigma, iou_threshold, score_threshold = (
         float(sigma),
         float(iou_threshold),
@@ -170,9 +177,14 @@ def batched_soft_nms_scriptable(
     scale = pow2_scale([boxes[candidates]])
     if method == "hard":
         # Hard NMS never changes a surviving score: torchvision's kernel gives the same keep.
+        # float32 for torchvision's kernel (its CPU nms has no half-precision one, and it
+        # wants boxes and scores of one dtype).
         keep = candidates[
             _tv_batched_nms(
-                boxes[candidates] * scale, scores[candidates], idxs[candidates], iou_threshold
+                (boxes[candidates] * scale).float(),
+                scores[candidates].float(),
+                idxs[candidates],
+                iou_threshold,
             )
         ]
         return keep, scores[keep]

@@ -142,13 +142,9 @@ def _check_inputs(boxes, scores, classes, views, num_views, view_weights, iou_th
         return scores.new_ones(num_views)
     w = torch.as_tensor(view_weights, dtype=scores.dtype).to(scores.device).flatten()
     if len(w) != num_views:
-        raise ValueError(
-            f"view_weights must have num_views = {num_views} entries, got {len(w)}"
-        )
+        raise ValueError(f"view_weights must have num_views = {num_views} entries, got {len(w)}")
     if not (bool(torch.isfinite(w).all()) and bool((w >= 0).all()) and float(w.sum()) > 0):
-        raise ValueError(
-            f"view_weights must be finite, >= 0 and not all 0, got {w.tolist()}"
-        )
+        raise ValueError(f"view_weights must be finite, >= 0 and not all 0, got {w.tolist()}")
     return w
 
 

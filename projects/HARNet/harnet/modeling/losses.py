@@ -5,10 +5,11 @@ from typing import Dict, List
 
 import torch
 from torch import Tensor
-from torch.nn import functional as F
 
-from detectron2.modeling.box_regression import Box2BoxTransform, _dense_box_regression_loss
+from detectron2.layers.losses import ciou_loss, diou_loss
+from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.structures import Boxes
+from fvcore.nn import giou_loss, smooth_l1_loss
 
 try:  # fvcore's TorchScript'ed focal loss, as Detectron2's RetinaNet uses it
     from fvcore.nn import sigmoid_focal_loss_jit as _sigmoid_focal_loss
@@ -16,6 +17,9 @@ except ImportError:  # pragma: no cover - fvcore always ships it today
     from fvcore.nn import sigmoid_focal_loss as _sigmoid_focal_loss
 
 __all__ = ["LOSS_NORMALIZERS", "per_level_normalized_losses"]
+
+# Detectron2's IoU-type box losses, by MODEL.RETINANET.BBOX_REG_LOSS_TYPE.
+_BOX_LOSSES = {"giou": giou_loss, "diou": diou_loss, "ciou": ciou_loss}
 
 # "running": Detectron2's RetinaNet (one sum over all levels / running mean of positives);
 # "per_level": the authors' (each level's sum / max(positives at that level, minimum)).
@@ -82,30 +86,67 @@ def per_level_normalized_losses(
             f"per_level_normalized_losses: {sum(sizes)} anchors over the levels, "
             f"{labels.shape[1]} labels per image"
         )
-    loss_cls = pred_logits[0].new_zeros(())
-    loss_box = pred_logits[0].new_zeros(())
-    for anchors_l, logits_l, deltas_l, labels_l, boxes_l in zip(
-        anchors, pred_logits, pred_anchor_deltas, labels.split(sizes, 1), boxes.split(sizes, 1)
-    ):
-        valid = labels_l >= 0
-        pos = valid & (labels_l != num_classes)
-        normalizer = max(float(pos.sum().item()), float(min_normalizer), 1.0)
-        # One-hot over K + 1 classes, background column dropped: all-zero targets.
-        target = F.one_hot(labels_l[valid], num_classes=num_classes + 1)[:, :-1]
-        loss_cls = loss_cls + _sigmoid_focal_loss(
-            logits_l[valid],
-            target.to(logits_l.dtype),
-            alpha=focal_loss_alpha,
-            gamma=focal_loss_gamma,
-            reduction="sum",
-        ) / normalizer
-        loss_box = loss_box + _dense_box_regression_loss(
-            [anchors_l],
-            box2box_transform,
-            [deltas_l],
-            list(boxes_l.unbind(0)),
-            pos,
-            box_reg_loss_type=box_reg_loss_type,
-            smooth_l1_beta=smooth_l1_beta,
-        ) / normalizer
-    return {"loss_cls": loss_cls, "loss_box_reg": loss_box}
+    # All levels at once, each anchor weighted by 1 / its level's normaliser: no host
+    # synchronisation (no .item(), no boolean indexing), the same sums.
+    valid = labels >= 0
+    pos = valid & (labels != num_classes)
+    logits = torch.cat(pred_logits, dim=1)  # (N, R, K)
+    positives = torch.stack([p.sum() for p in pos.split(sizes, 1)]).to(logits.dtype)
+    normalizer = positives.clamp(min=max(float(min_normalizer), 1.0))  # (L,)
+    level = torch.cat(
+        [torch.full((n,), i, dtype=torch.long, device=labels.device) for i, n in enumerate(sizes)]
+    )
+    weight = (1.0 / normalizer)[level]  # (R,)
+    # One-hot targets by comparison (F.one_hot checks its range with a host sync on CPU):
+    # background and ignored anchors get all-zero rows (ignored ones are weighted 0).
+    classes = torch.arange(num_classes, device=labels.device)
+    target = labels[..., None] == classes
+    focal = _sigmoid_focal_loss(
+        logits,
+        target.to(logits.dtype),
+        alpha=focal_loss_alpha,
+        gamma=focal_loss_gamma,
+        reduction="none",
+    ).sum(-1)
+    loss_cls = (torch.where(valid, focal, torch.zeros_like(focal)) * weight).sum()
+    box = _per_anchor_box_loss(
+        Boxes.cat(anchors).tensor,
+        torch.cat(pred_anchor_deltas, dim=1),
+        boxes,
+        pos,
+        box2box_transform,
+        box_reg_loss_type,
+        smooth_l1_beta,
+    )
+    return {"loss_cls": loss_cls, "loss_box_reg": (box * weight).sum()}
+
+
+def _per_anchor_box_loss(
+    anchors: Tensor,
+    deltas: Tensor,
+    gt_boxes: Tensor,
+    pos: Tensor,
+    box2box_transform: Box2BoxTransform,
+    box_reg_loss_type: str,
+    smooth_l1_beta: float,
+) -> Tensor:
+    """Detectron2's box-regression loss (``_dense_box_regression_loss``'s types) of each
+    anchor, ``Tensor[N, R]``: 0 where ``pos`` is False.
+
+    anchors: Tensor[R, 4]; deltas: Tensor[N, R, 4]; gt_boxes: Tensor[N, R, 4]; pos: Tensor[N, R].
+    """
+    expanded = anchors.expand_as(gt_boxes)
+    # Non-positive anchors get their own box as the target (finite deltas; weighted 0).
+    gt_boxes = torch.where(pos[..., None], gt_boxes, expanded)
+    if box_reg_loss_type == "smooth_l1":
+        gt_deltas = box2box_transform.get_deltas(expanded.reshape(-1, 4), gt_boxes.reshape(-1, 4))
+        loss = smooth_l1_loss(
+            deltas, gt_deltas.view_as(deltas), beta=smooth_l1_beta, reduction="none"
+        ).sum(-1)
+    elif box_reg_loss_type in _BOX_LOSSES:
+        pred = box2box_transform.apply_deltas(deltas.reshape(-1, 4), expanded.reshape(-1, 4))
+        loss = _BOX_LOSSES[box_reg_loss_type](pred, gt_boxes.reshape(-1, 4), reduction="none")
+        loss = loss.view(pos.shape)
+    else:
+        raise ValueError(f"Invalid dense box regression loss type '{box_reg_loss_type}'")
+    return torch.where(pos, loss, torch.zeros_like(loss))

@@ -7,7 +7,6 @@ import torch
 from torch import Tensor
 
 from detectron2.modeling.box_regression import Box2BoxTransform
-from detectron2.structures import Boxes
 
 __all__ = ["CANDIDATE_MODES", "authors_level_candidates"]
 
@@ -54,18 +53,28 @@ def authors_level_candidates(
             f"authors_level_candidates: anchors {tuple(anchors.shape)}, scores "
             f"{tuple(scores.shape)} and deltas {tuple(deltas.shape)} do not match"
         )
-    boxes = Boxes(box2box_transform.apply_deltas(deltas, anchors))
-    boxes.clip(image_size)
-    b = boxes.tensor
+    # One host synchronisation (the final selection's size): no Boxes.clip assert, no
+    # nonzero of the size filter; too-small anchors score -inf instead.
+    b = box2box_transform.apply_deltas(deltas, anchors)
+    h, w = image_size
+    b = torch.stack(
+        [b[:, 0].clamp(0, w), b[:, 1].clamp(0, h), b[:, 2].clamp(0, w), b[:, 3].clamp(0, h)], 1
+    )
     keep = ((b[:, 2] - b[:, 0]) >= min_size[0]) & ((b[:, 3] - b[:, 1]) >= min_size[1])
-    kept = keep.nonzero().squeeze(1)
     num_classes = scores.shape[1]
-    n = min(int(topk), kept.numel())
-    if n == 0:
-        return b.new_zeros((0, 4)), scores.new_zeros((0,)), kept.new_zeros((0,))
-    top_scores, flat = scores[kept].flatten().topk(n)
-    ok = top_scores >= score_thresh
-    ok[0] = True
-    top_scores, flat = top_scores[ok], flat[ok]
-    anchor_idx = kept[torch.div(flat, num_classes, rounding_mode="floor")]
+    m = min(int(topk), anchors.shape[0])  # n <= m: n = min(topk, kept anchors)
+    if m == 0 or num_classes == 0:
+        return (
+            b.new_zeros((0, 4)),
+            scores.new_zeros((0,)),
+            torch.zeros(0, dtype=torch.long, device=scores.device),
+        )
+    masked = scores.masked_fill(~keep[:, None], float("-inf"))
+    top_scores, flat = masked.flatten().topk(m)
+    # The first n = min(topk, kept anchors) ranks are kept anchors' pairs (each has K).
+    rank = torch.arange(m, device=scores.device)
+    ok = (rank < keep.sum()) & ((top_scores >= score_thresh) | (rank == 0))
+    sel = ok.nonzero().squeeze(1)
+    top_scores, flat = top_scores[sel], flat[sel]
+    anchor_idx = torch.div(flat, num_classes, rounding_mode="floor")
     return b[anchor_idx], top_scores, flat % num_classes

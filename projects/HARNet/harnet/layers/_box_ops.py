@@ -4,7 +4,7 @@ The tensor functions are TorchScript-compatible: the post-processing that uses t
 scripted for export (see :mod:`harnet.layers.postprocess`).
 """
 
-from typing import List, Tuple
+from typing import Callable, List, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -89,16 +89,16 @@ def pow2_scale(boxes: List[Tensor]) -> Tensor:
 
 
 # ---------------------------------------------------------------- input checks (eager only)
-def raise_failed(checks: List[Tuple[Tensor, str]]) -> None:
+def raise_failed(checks: List[Tuple[Tensor, Union[str, Callable[[], str]]]]) -> None:
     """Reads the 0-d boolean tensors of ``checks`` (``(ok, message)`` pairs, all on one
     device) with one host synchronisation, and raises ``ValueError(message)`` of the first
-    that is False."""
+    that is False (``message()`` if callable: details computed only on failure)."""
     if not checks:
         return
     ok = torch.stack([flag for flag, _ in checks]).tolist()
     for good, (_, message) in zip(ok, checks):
         if not good:
-            raise ValueError(message)
+            raise ValueError(message() if callable(message) else message)
 
 
 def box_checks(boxes: Tensor, name: str = "boxes") -> List[Tuple[Tensor, str]]:

@@ -27,7 +27,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from ._box_ops import check_boxes, check_same_device, check_scores
+from ._box_ops import box_checks, check_same_device, raise_failed, score_checks
 
 __all__ = ["weighted_boxes_fusion", "WBF_CONF_TYPES"]
 
@@ -112,8 +112,7 @@ def weighted_boxes_fusion(
 
 def _check_inputs(boxes, scores, classes, views, num_views, view_weights, iou_threshold, conf_type):
     """Validates the arguments; returns the view weights as a Tensor[T] like ``scores``."""
-    check_boxes(boxes)
-    check_scores(scores, len(boxes))
+    value_checks = box_checks(boxes) + score_checks(scores, len(boxes))
     for name, t in (("classes", classes), ("views", views)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -129,11 +128,15 @@ def _check_inputs(boxes, scores, classes, views, num_views, view_weights, iou_th
         raise TypeError(f"scores must have the dtype of boxes ({boxes.dtype}), got {scores.dtype}")
     if isinstance(num_views, bool) or not isinstance(num_views, int) or num_views < 1:
         raise ValueError(f"num_views must be a positive int, got {num_views!r}")
-    if len(views) and not (0 <= int(views.min()) and int(views.max()) < num_views):
-        raise ValueError(
-            f"views must lie in [0, num_views) = [0, {num_views}), got values in "
-            f"[{int(views.min())}, {int(views.max())}]"
+    if len(views):
+        value_checks.append(
+            (
+                (views.min() >= 0) & (views.max() < num_views),
+                lambda: f"views must lie in [0, num_views) = [0, {num_views}), got values in "
+                f"[{int(views.min())}, {int(views.max())}]",
+            )
         )
+    raise_failed(value_checks)  # one host synchronisation for all value checks
     if not 0.0 <= float(iou_threshold) <= 1.0:
         raise ValueError(f"iou_threshold must be in [0, 1], got {iou_threshold}")
     if conf_type not in WBF_CONF_TYPES:

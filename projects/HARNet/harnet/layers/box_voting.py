@@ -277,18 +277,21 @@ def _overlapping_pairs(
     counts = hi - lo
     ends = torch.cumsum(counts, 0)
     firsts = ends - counts  # each kept box's first pair
-    # Chunks of kept boxes of about pair_budget pairs each (one sync; one chunk is usual).
+    # Chunks of kept boxes of about pair_budget pairs each: bounds[i] is a chunk's first
+    # kept box, pair_ends[i] the number of pairs before it (host ints: repeat_interleave
+    # gets its output size, no sync). One sync when one chunk (the usual case), else two.
     total = int(ends[-1])
-    marks: List[int] = []
+    bounds: List[int] = [0, kb.shape[0]]
+    pair_ends: List[int] = [0, total]
     if total > pair_budget:
         at = torch.arange(pair_budget, total, pair_budget, device=kb.device)
-        found: List[int] = torch.searchsorted(ends, at, right=True).tolist()
-        marks = found
-    marks.append(kb.shape[0])
-    bounds: List[int] = [0]
-    for b in marks:
-        if b > bounds[-1]:
-            bounds.append(b)
+        marks = torch.searchsorted(ends, at, right=True)  # rising, maybe repeated
+        found: List[int] = torch.cat([marks, ends[(marks - 1).clamp(min=0)]]).tolist()
+        n = len(found) // 2
+        for b, e in zip(found[:n], found[n:]):
+            if bounds[-2] < b < kb.shape[0]:
+                bounds.insert(len(bounds) - 1, b)
+                pair_ends.insert(len(pair_ends) - 1, e)
     rows_out: List[Tensor] = []
     cols_out: List[Tensor] = []
     iou_out: List[Tensor] = []
@@ -299,7 +302,9 @@ def _overlapping_pairs(
     for i in range(len(bounds) - 1):
         start, end = bounds[i], bounds[i + 1]
         rows = torch.repeat_interleave(
-            torch.arange(start, end, device=kb.device), counts[start:end]
+            torch.arange(start, end, device=kb.device),
+            counts[start:end],
+            output_size=pair_ends[i + 1] - pair_ends[i],
         )
         # Pair p of kept box r (pairs numbered over all kept boxes) meets lo[r] + p - firsts[r].
         pair = torch.arange(rows.shape[0], device=kb.device) + firsts[start]
@@ -348,7 +353,10 @@ def _unclaimed_top4_voting(
     first_claim = torch.full((m,), k, dtype=torch.int64, device=device)
     first_claim.scatter_reduce_(0, cols, k_order[rows], "amin")
     # Copies of kept boxes (the kept boxes themselves) never vote.
-    first_claim.index_fill_(0, cols[iou == 1], k)
+    is_copy = torch.zeros(m, dtype=iou.dtype, device=device).index_add_(
+        0, cols, (iou == 1).to(iou.dtype)
+    )
+    first_claim = torch.where(is_copy > 0, k, first_claim)
     voters = torch.nonzero(first_claim < k).squeeze(1)
     # Input position -> sorted position of the owning kept box.
     position = torch.empty_like(k_order).index_copy_(0, k_order, torch.arange(k, device=device))

@@ -46,12 +46,18 @@ AUTHORS_POSTPROCESS = [
 ALL_OFF = [f"MODEL.HARNET.{m}.ENABLED" for m in ("ALIGN", "CLGN", "SPATIAL", "CHANNEL")]
 
 
-def _caller() -> str:
-    """The innermost frame of HARNet, Detectron2 or torchvision that led to the op."""
-    for frame in reversed(traceback.extract_stack()[:-3]):
+def _caller(skip: int = 3) -> str:
+    """The innermost frame of HARNet, Detectron2 or torchvision that led to the op
+    (``skip``: this function's and the counting machinery's frames)."""
+    for frame in reversed(traceback.extract_stack()[:-skip]):
         name = frame.filename
-        if any(p in name for p in ("/harnet/", "/detectron2/", "/torchvision/")):
-            short = name.split("site-packages/")[-1].split("projects/HARNet/")[-1]
+        if "site-packages/" in name:  # an installed package: its path from there
+            short = name.split("site-packages/")[-1]
+        elif "projects/HARNet/harnet/" in name:  # this repository's package
+            short = name.split("projects/HARNet/")[-1]
+        else:
+            continue
+        if short.startswith(("harnet/", "detectron2/", "torchvision/")):
             return f"{short}:{frame.lineno} {frame.name}"
     return "(torch internals, e.g. autograd)"
 
@@ -88,7 +94,7 @@ class HostSyncCounter(TorchDispatchMode):
             self._patched[method] = vars(torch.Tensor).get(method)  # None: inherited
 
             def counted(t, *a, _m=method, _orig=original, **k):
-                self.counts[f"{_m}() @ {_caller()}"] += 1
+                self.counts[f"{_m}() @ {_caller(skip=2)}"] += 1
                 return _orig(t, *a, **k)
 
             setattr(torch.Tensor, method, counted)

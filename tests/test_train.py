@@ -247,9 +247,15 @@ def test_two_step(tmp_path, data_root):
 
 
 def test_visualize(tmp_path, data_root):
+    import importlib.util
+
     import cv2
 
-    from harnet.engine.visualization import main as vis_main
+    spec = importlib.util.spec_from_file_location(
+        "harnet_tools_visualize", os.path.join(ROOT, "tools", "visualize.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    vis_main = tool.main
 
     out = str(tmp_path / "run")
     run(["--config-file", DEMO_YAML] + tiny_opts(data_root, out, max_iter=1) + ["TEST.EVAL_PERIOD", "0"])
@@ -259,12 +265,12 @@ def test_visualize(tmp_path, data_root):
                      "--max-images", "2", "--score-thresh", "0.0"] + opts +
                     ["MODEL.WEIGHTS", os.path.join(out, "model_final.pth")]) == 0
     files = sorted(os.listdir(vis))
-    assert len(files) == 4 and sum(f.endswith("_attention.png") for f in files) == 2, files
-    det = cv2.imread(os.path.join(vis, [f for f in files if f.endswith("_detections.png")][0]))
-    att = cv2.imread(os.path.join(vis, [f for f in files if f.endswith("_attention.png")][0]))
-    assert det.shape[:2] == (64, 64)
-    # image + one panel per level (P3-P7), 4 px separators, an 18 px label bar.
-    assert att.shape[:2] == (64 + 18, 6 * 64 + 5 * 4)
+    assert len(files) == 2 and all(f.endswith("_vis.png") for f in files), files
+    pic = cv2.imread(os.path.join(vis, files[0]))
+    # 64 px images drawn at 480 px: ground truth | 8 px | detections under 27 px title
+    # bars; then 8 px and the image + 5 level masks in 2 rows of 3 (each 320 px + a
+    # 22 px label bar, 4 px apart).
+    assert pic.shape[:2] == (27 + 480 + 8 + 2 * (320 + 22) + 4, 2 * 480 + 8), pic.shape
 
 
 def write_coco_dataset(folder, num_images, seed):

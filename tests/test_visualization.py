@@ -1,9 +1,13 @@
-"""harnet.engine.visualization: mask resampling against its definition, colour overlay."""
+"""harnet.engine.visualization: mask resampling against its definition, colour overlay,
+ground truth and detections drawn at scale in class colours, the picture's layout."""
 import numpy as np
 import pytest
 import torch
 
-from harnet.engine.visualization import attention_panel, mask_to_image, overlay_mask
+from harnet.engine.visualization import (
+    attention_panel, compose, display_scale, draw_detections, draw_ground_truth, mask_to_image,
+    overlay_mask,
+)
 
 
 @pytest.mark.parametrize("stride,input_hw,output_hw", [(8, (64, 80), (128, 160)), (16, (50, 70), (40, 56))])
@@ -47,3 +51,66 @@ def test_attention_panel_layout():
     masks = [torch.rand(-(-40 // s), -(-60 // s)) for s in (8, 16)]
     panel = attention_panel(img, masks, [8, 16], ["P3", "P4"], input_hw=(40, 60))
     assert panel.shape == (40 + 18, 3 * 60 + 2 * 4, 3) and panel.dtype == np.uint8
+
+
+def test_display_scale():
+    assert display_scale((128, 160), 480) == 3.0
+    assert display_scale((600, 400), 480) == 1.0  # never shrinks
+
+
+def _instances(boxes, classes, scores, hw):
+    from detectron2.structures import Boxes, Instances
+
+    inst = Instances(hw)
+    inst.pred_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32))
+    inst.pred_classes = torch.tensor(classes)
+    inst.scores = torch.tensor(scores)
+    return inst
+
+
+def test_ground_truth_and_detections_at_scale_in_class_colours():
+    # A 60x60 box of class 1 at (20, 20) on a black 100x100 image, drawn 4x: its outline
+    # lies at 4x the box coordinates, in class 1's colour, the same in both drawings;
+    # class 0 gets another colour, and a detection under the threshold is not drawn.
+    from detectron2.data import Metadata
+    from detectron2.structures import BoxMode
+
+    meta = Metadata(name="_test_vis", thing_classes=["a", "b"])
+    img = np.zeros((100, 100, 3), np.uint8)
+    record = {"annotations": [{"bbox": [20, 20, 60, 60], "bbox_mode": BoxMode.XYWH_ABS,
+                               "category_id": 1, "segmentation": [[20, 20, 80, 20, 80, 80]]}]}
+    gt = draw_ground_truth(img, record, meta, scale=4.0)
+    det = draw_detections(img, _instances([[20, 20, 80, 80], [5, 5, 15, 15]], [1, 0], [0.9, 0.1],
+                                          (100, 100)), meta, score_thresh=0.3, scale=4.0)
+    other = draw_detections(img, _instances([[20, 20, 80, 80]], [0], [0.9], (100, 100)), meta, 0.3, 4.0)
+    assert gt.shape == det.shape == (400, 400, 3)
+    edge = (np.s_[80, 200], np.s_[320, 200], np.s_[200, 80], np.s_[200, 320])  # top, bottom, left, right
+    for e in edge:
+        assert gt[e].max() > 40, e
+        np.testing.assert_array_equal(gt[e], det[e])
+        assert np.abs(other[e].astype(int) - det[e].astype(int)).max() > 20
+    # Inside the box (away from the label) and outside it: untouched (no mask is filled).
+    assert gt[200, 200].max() == 0 and det[200, 200].max() == 0 and gt[380, 380].max() == 0
+    # The low-scoring class-0 detection at (5, 5)-(15, 15) is not drawn.
+    assert det[20:60, 20:60].max() == 0
+
+
+def test_compose_layout():
+    det = np.zeros((120, 160, 3), np.uint8)
+    gt = np.zeros((120, 160, 3), np.uint8)
+    att = np.zeros((50, 300, 3), np.uint8)
+    both = compose(det, gt, att)
+    # 27 px title bars, ground truth | 8 px | detections, then 8 px, then the attention rows.
+    assert both.shape == (27 + 120 + 8 + 50, 160 + 8 + 160, 3)
+    assert compose(det).shape == (27 + 120, 160, 3)
+    # Ground truth on the left: a white pixel there shows up left of the separator.
+    gt[60, 10] = 255
+    assert compose(det, gt)[27 + 60, 10].min() == 255 and compose(det, gt)[27 + 60, 168 + 10].max() == 0
+
+
+def test_attention_panel_in_rows():
+    img = np.zeros((40, 60, 3), np.uint8)
+    masks = [torch.rand(-(-40 // s), -(-60 // s)) for s in (8, 16, 32, 64, 128)]
+    panel = attention_panel(img, masks, [8, 16, 32, 64, 128], ["P3", "P4", "P5", "P6", "P7"],
+                            input_hw=(40, 60), columns=3)
+    assert panel.shape == (2 * (40 + 18) + 4, 3 * 60 + 2 * 4, 3)

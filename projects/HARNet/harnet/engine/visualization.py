@@ -1,7 +1,9 @@
-"""Pictures of a detector's output: detections (Detectron2's ``Visualizer``) and HAR-Net's
-spatial attention masks (one colour-mapped overlay per pyramid level), written as PNG.
+"""Pictures of a detector's output, one PNG per image: the ground truth (when the record
+has annotations) beside the detections, both drawn by Detectron2's ``Visualizer`` on the
+image upscaled to a readable size, and below them HAR-Net's spatial attention masks (one
+colour-mapped overlay per pyramid level).
 
-Used by ``tools/visualize.py`` and by the demo (``tools/run_demo.sh``).
+The command line is ``tools/visualize.py``; the demo (``tools/run_demo.sh``) uses it.
 """
 import glob
 import logging
@@ -11,9 +13,10 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import cv2
 import numpy as np
 import torch
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import DatasetCatalog, Metadata, MetadataCatalog
 from detectron2.data import detection_utils as utils
-from detectron2.utils.visualizer import Visualizer
+from detectron2.utils.colormap import colormap
+from detectron2.utils.visualizer import ColorMode, Visualizer
 from tqdm import tqdm
 
 __all__ = [
@@ -21,6 +24,9 @@ __all__ = [
     "mask_to_image",
     "attention_panel",
     "draw_detections",
+    "draw_ground_truth",
+    "display_scale",
+    "compose",
     "image_inputs",
     "dataset_inputs",
     "visualize",
@@ -70,55 +76,160 @@ def mask_to_image(mask: torch.Tensor, stride: int, input_hw, output_hw) -> np.nd
     return cv2.resize(up, (output_hw[1], output_hw[0]), interpolation=cv2.INTER_LINEAR)
 
 
-def _label(image: np.ndarray, text: str) -> np.ndarray:
-    bar = np.full((18, image.shape[1], 3), 255, np.uint8)
-    cv2.putText(bar, text, (3, 13), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+def _label(image: np.ndarray, text: str, font_scale: float = 0.4) -> np.ndarray:
+    """``image`` under a white bar with ``text`` (18 px high at the default font scale)."""
+    height = int(round(45 * font_scale))
+    bar = np.full((height, image.shape[1], 3), 255, np.uint8)
+    thickness = 1 if font_scale < 0.6 else 2
+    cv2.putText(bar, text, (3, int(round(height * 0.72))), cv2.FONT_HERSHEY_SIMPLEX, font_scale,
+                (0, 0, 0), thickness, cv2.LINE_AA)
     return np.concatenate([bar, image], axis=0)
+
+
+def _row(panels: Sequence[np.ndarray], sep: int = 4) -> np.ndarray:
+    """Panels side by side (top-aligned, white-padded to the tallest), ``sep`` px apart."""
+    height = max(p.shape[0] for p in panels)
+    out = []
+    for i, p in enumerate(panels):
+        if i:
+            out.append(np.full((height, sep, 3), 255, np.uint8))
+        pad = np.full((height - p.shape[0], p.shape[1], 3), 255, np.uint8)
+        out.append(np.concatenate([p, pad], axis=0))
+    return np.concatenate(out, axis=1)
+
+
+def _column(panels: Sequence[np.ndarray], sep: int = 4) -> np.ndarray:
+    """Panels one under the other (left-aligned, white-padded to the widest)."""
+    width = max(p.shape[1] for p in panels)
+    out = []
+    for i, p in enumerate(panels):
+        if i:
+            out.append(np.full((sep, width, 3), 255, np.uint8))
+        pad = np.full((p.shape[0], width - p.shape[1], 3), 255, np.uint8)
+        out.append(np.concatenate([p, pad], axis=1))
+    return np.concatenate(out, axis=0)
 
 
 def attention_panel(
     image: np.ndarray, masks: Sequence[torch.Tensor], strides: Sequence[int],
-    level_names: Sequence[str], input_hw, alpha: float = 0.5,
+    level_names: Sequence[str], input_hw, alpha: float = 0.5, columns: Optional[int] = None,
+    font_scale: float = 0.4,
 ) -> np.ndarray:
-    """A strip: the image, then one mask overlay per level, each labelled with the level,
-    its stride and the mask's min/max.
+    """The image, then one mask overlay per level, each under a bar naming the level, its
+    stride and the mask's min/max; in rows of ``columns`` panels, 4 px apart.
 
     Args:
-        image (ndarray[H, W, 3] uint8): RGB original image.
+        image (ndarray[H, W, 3] uint8): RGB image (the original, or it resized: the masks
+            are resampled onto it).
         masks (list[Tensor[H_l, W_l]]): one mask per level (see :func:`mask_to_image`).
         strides, level_names: per level.
         input_hw: (h, w) of the network input.
+        columns (int or None): panels per row (None: all in one row).
+        font_scale (float): of the labels (0.4: an 18 px bar).
 
     Returns:
         ndarray uint8 RGB.
     """
-    panels = [_label(image, "image")]
+    panels = [_label(image, "image", font_scale)]
     for mask, stride, name in zip(masks, strides, level_names):
         m = mask_to_image(mask, stride, input_hw, image.shape[:2])
         text = f"{name} s{stride} [{float(mask.min()):.2f},{float(mask.max()):.2f}]"
-        panels.append(_label(overlay_mask(image, m, alpha), text))
-    sep = np.full((panels[0].shape[0], 4, 3), 255, np.uint8)
-    out = [panels[0]]
-    for p in panels[1:]:
-        out += [sep, p]
-    return np.concatenate(out, axis=1)
+        panels.append(_label(overlay_mask(image, m, alpha), text, font_scale))
+    columns = columns or len(panels)
+    return _column([_row(panels[i : i + columns]) for i in range(0, len(panels), columns)])
 
 
-def draw_detections(image: np.ndarray, instances, metadata, score_thresh: float = 0.3) -> np.ndarray:
-    """Detectron2's ``Visualizer`` drawing of the detections scoring >= ``score_thresh``.
+def display_scale(image_hw, long_side: int = 480) -> float:
+    """The upscaling factor (>= 1) that brings the image's long side to ``long_side`` px."""
+    return max(1.0, long_side / max(image_hw))
+
+
+class _ClassColourVisualizer(Visualizer):
+    """Detectron2's ``Visualizer`` with ``ColorMode.SEGMENTATION``'s per-class colours
+    drawn as they are: the stock one jitters each instance's colour (by up to 0.5 in RGB),
+    and a class must look the same in the ground truth and in the detections."""
+
+    def _jitter(self, color):
+        return tuple(color)
+
+
+def _visualizer(image: np.ndarray, metadata, scale: float, font_px: float) -> Visualizer:
+    # Colour by class (ColorMode.SEGMENTATION with one colour per class), so that the ground
+    # truth and the detections of a class look alike; the label font is set in output
+    # pixels (Detectron2's default, from the image size, is ~5 px on a 160 px image).
+    names = metadata.get("thing_classes", None) if metadata is not None else None
+    palette = [tuple(int(c) for c in rgb) for rgb in colormap(rgb=True, maximum=255)]
+    colored = Metadata(name="__harnet_vis", thing_colors=palette * 4)
+    if names is not None:
+        colored.thing_classes = list(names)
+    vis = _ClassColourVisualizer(image, colored, scale=scale, instance_mode=ColorMode.SEGMENTATION)
+    vis._default_font_size = font_px / scale
+    return vis
+
+
+def draw_detections(
+    image: np.ndarray, instances, metadata, score_thresh: float = 0.3, scale: float = 1.0,
+    font_px: float = 22.0,
+) -> np.ndarray:
+    """Detectron2's ``Visualizer`` drawing of the detections scoring >= ``score_thresh``,
+    coloured by class and labelled "<class> <score>%".
 
     Args:
         image (ndarray[H, W, 3] uint8): RGB image, in the detections' resolution.
         instances (Instances): pred_boxes, scores, pred_classes (on any device).
-        metadata: the dataset's Metadata (class names).
+        metadata: the dataset's Metadata (class names) or None (class indices).
+        scale (float): the drawing is ``scale`` times the image's size.
+        font_px (float): label height (px of the drawing) on large boxes; small boxes get
+            0.6 of it (Detectron2's rule).
+
+    Returns:
+        ndarray[round(H * scale), round(W * scale), 3] uint8 RGB.
+    """
+    instances = instances.to("cpu")
+    instances = instances[instances.scores >= score_thresh]
+    vis = _visualizer(image, metadata, scale, font_px)
+    return vis.draw_instance_predictions(instances).get_image()
+
+
+def draw_ground_truth(
+    image: np.ndarray, record: Dict, metadata, scale: float = 1.0, font_px: float = 22.0,
+) -> np.ndarray:
+    """Detectron2's ``Visualizer.draw_dataset_dict`` drawing of a record's annotated boxes
+    (masks and keypoints left out, as the detections have none), coloured like
+    :func:`draw_detections`.
+
+    Args:
+        image (ndarray[H, W, 3] uint8): RGB image, in the record's resolution.
+        record (dict): a Detectron2 dataset record with ``annotations``.
+        metadata, scale, font_px: as in :func:`draw_detections`.
+
+    Returns:
+        ndarray[round(H * scale), round(W * scale), 3] uint8 RGB.
+    """
+    keep = ("bbox", "bbox_mode", "category_id", "iscrowd")
+    annos = [{k: a[k] for k in keep if k in a} for a in record.get("annotations", [])]
+    vis = _visualizer(image, metadata, scale, font_px)
+    return vis.draw_dataset_dict({"annotations": annos}).get_image()
+
+
+def compose(
+    detections: np.ndarray, ground_truth: Optional[np.ndarray] = None,
+    attention: Optional[np.ndarray] = None, det_title: str = "detections",
+    gt_title: str = "ground truth",
+) -> np.ndarray:
+    """One picture: ``ground_truth`` (if given) beside ``detections``, each under a title
+    bar, and ``attention`` (if given) below them.
 
     Returns:
         ndarray uint8 RGB.
     """
-    instances = instances.to("cpu")
-    instances = instances[instances.scores >= score_thresh]
-    vis = Visualizer(image, metadata)
-    return vis.draw_instance_predictions(instances).get_image()
+    top = [_label(detections, det_title, 0.6)]
+    if ground_truth is not None:
+        top.insert(0, _label(ground_truth, gt_title, 0.6))
+    rows = [_row(top, sep=8)]
+    if attention is not None:
+        rows.append(attention)
+    return _column(rows, sep=8)
 
 
 def _mapped(mapper, record: Dict) -> Dict:
@@ -183,9 +294,12 @@ def class_names_for(model, metadata, source="the dataset"):
 def visualize(
     model, mapper, records: Sequence[Dict], output_dir: str, metadata=None,
     score_thresh: float = 0.3, max_images: Optional[int] = None, errors: Optional[list] = None,
+    long_side: int = 480,
 ) -> List[str]:
-    """Run ``model`` on ``records`` and write ``<name>_detections.png`` and (when the model
-    has spatial attention) ``<name>_attention.png`` for each into ``output_dir``.
+    """Run ``model`` on ``records`` and write one ``<name>_vis.png`` per record into
+    ``output_dir``: the ground truth (records with ``annotations``) beside the detections,
+    upscaled to ``long_side`` px, and below them the image with each level's spatial
+    attention mask (when the model has spatial attention).
 
     Args:
         model: a Detectron2 detector (eval mode is set here); attention masks need
@@ -193,18 +307,18 @@ def visualize(
         mapper (callable): record -> model input dict (e.g. the test ``DatasetMapper``).
         records (list[dict]): Detectron2 dataset records (``file_name`` at least).
         output_dir (str): created if needed.
-        metadata: Metadata for class names (default: empty).
+        metadata: Metadata for class names (default: class indices).
         score_thresh (float): detections drawn from this score.
         max_images (int or None): at most this many records (the first ones).
         errors (list or None): if given, an image that cannot be read or mapped (OSError,
             ValueError) is appended as ``(file_name, message)`` and the others are still
             drawn; else the error is raised.
+        long_side (int): the drawings' long side in px (images are upscaled, never shrunk).
 
     Returns:
         list[str]: the written files.
     """
     os.makedirs(output_dir, exist_ok=True)
-    metadata = metadata if metadata is not None else MetadataCatalog.get("__unused")
     was_training = model.training
     model.eval()
     records = list(records)[: max_images if max_images else None]
@@ -228,97 +342,30 @@ def visualize(
                 logger.warning(f"Skipped {record['file_name']}: {type(e).__name__}: {e}")
                 continue
             stem = os.path.splitext(os.path.basename(record["file_name"]))[0]
-            out = model([inputs])[0]["instances"]
-            det = draw_detections(image, out, metadata, score_thresh)
-            path = os.path.join(output_dir, f"{stem}_detections.png")
-            cv2.imwrite(path, det[:, :, ::-1])
-            written.append(path)
+            scale = display_scale(image.shape[:2], long_side)
+            out = model([inputs])[0]["instances"].to("cpu")
+            shown = int((out.scores >= score_thresh).sum())
+            det = draw_detections(image, out, metadata, score_thresh, scale)
+            gt = None
+            if "annotations" in record:
+                gt = draw_ground_truth(image, record, metadata, scale)
+            attention = None
             if has_attention:
                 masks = model.attention_maps([inputs])[0]
-                panel = attention_panel(image, masks, strides, names, inputs["image"].shape[-2:])
-                path = os.path.join(output_dir, f"{stem}_attention.png")
-                cv2.imwrite(path, panel[:, :, ::-1])
-                written.append(path)
+                width = det.shape[1] * 2 + 8 if gt is not None else det.shape[1]
+                # Image + one panel per level in rows of 3, together as wide as the row above.
+                k = (width - 8) / (3 * image.shape[1])
+                big = cv2.resize(image, (round(image.shape[1] * k), round(image.shape[0] * k)))
+                attention = attention_panel(big, masks, strides, names, inputs["image"].shape[-2:],
+                                            columns=3, font_scale=0.5)
+            picture = compose(
+                det, gt, attention,
+                det_title=f"detections, score >= {score_thresh:g}: {shown}",
+                gt_title=f"ground truth: {len(record.get('annotations', []))} objects",
+            )
+            path = os.path.join(output_dir, f"{stem}_vis.png")
+            cv2.imwrite(path, picture[:, :, ::-1])
+            written.append(path)
     finally:
         model.train(was_training)
     return written
-
-
-def argument_parser():
-    import argparse
-
-    p = argparse.ArgumentParser(description=__doc__ or "visualize")
-    p.add_argument("--config-file", required=True, metavar="FILE")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--input", nargs="+", default=[], help="image files, folders or globs")
-    src.add_argument("--dataset", default="", help="a registered dataset (default: the config's first test set)")
-    p.add_argument("--output", required=True, help="folder for the PNG files")
-    p.add_argument("--max-images", type=int, default=8, help="at most this many images (0: all)")
-    p.add_argument("--score-thresh", type=float, default=0.3, help="draw detections from this score")
-    p.add_argument(
-        "--register-coco", nargs=3, action="append", default=[], metavar=("NAME", "JSON", "IMAGE_ROOT"),
-        help="register a COCO-format dataset under NAME (repeatable)",
-    )
-    p.add_argument("opts", nargs=argparse.REMAINDER, default=None, help="config overrides")
-    return p
-
-
-def main(argv=None):
-    """Command line of ``tools/visualize.py``; returns 0, or 1 when an image could not be
-    drawn (the others are drawn; the failures are listed at the end)."""
-    from detectron2.config import CfgNode, instantiate
-    from detectron2.utils.logger import setup_logger
-
-    from ..data import check_dataset_files
-    from ..data.mapper import HARNetDatasetMapper
-    from .defaults import build_config
-    from .faults import AtomicDetectionCheckpointer
-    from .lazy_trainer import LazyConfigTrainer
-    from .trainer import HARNetTrainer
-
-    args = argument_parser().parse_args(argv)
-    args.two_step = False
-    setup_logger(name="harnet")
-    setup_logger()
-    # Only the dataset that is drawn must exist (none for --input).
-    cfg = build_config(args, purpose="draw")
-    if isinstance(cfg, CfgNode):
-        test_sets = list(cfg.DATASETS.TEST)
-    else:
-        names = cfg.dataloader.test.dataset.names
-        test_sets = [names] if isinstance(names, str) else list(names)
-    if args.input:
-        records = image_inputs(args.input)
-        source = test_sets[0] if test_sets else None
-    else:
-        source = args.dataset or (test_sets[0] if test_sets else "")
-        if not source:
-            raise ValueError("give --input images or --dataset NAME (the config has no test set)")
-        check_dataset_files([source])
-        records = dataset_inputs(source)
-    if isinstance(cfg, CfgNode):
-        model = HARNetTrainer.build_model(cfg)
-        weights = cfg.MODEL.WEIGHTS
-        mapper = HARNetDatasetMapper(cfg, is_train=False)
-    else:
-        model = LazyConfigTrainer.build_model(cfg)
-        weights = cfg.train.init_checkpoint
-        mapper = instantiate(cfg.dataloader.test.mapper)
-    if not weights:
-        logger.warning("No weights given (MODEL.WEIGHTS / train.init_checkpoint): drawing an untrained model")
-    AtomicDetectionCheckpointer(model).load(weights)
-    metadata = MetadataCatalog.get(source) if source else None
-    metadata = class_names_for(model, metadata, f"dataset {source!r}")
-    errors = []
-    written = visualize(
-        model, mapper, records, args.output, metadata=metadata, score_thresh=args.score_thresh,
-        max_images=args.max_images or None, errors=errors,
-    )
-    logger.info(f"Wrote {len(written)} PNG files to {args.output}")
-    if errors:
-        logger.error(
-            f"{len(errors)} image(s) could not be drawn:\n"
-            + "\n".join(f"  {name}: {msg}" for name, msg in errors)
-        )
-        return 1
-    return 0

@@ -2,7 +2,8 @@
 # The README's first command: set up the environment, then train the CPU-sized HAR-Net
 # (configs/HARNet/demo/har_R18_shapes_demo.yaml) from scratch on the built-in shapes
 # dataset, evaluate it with Detectron2's COCOEvaluator, evaluate the untrained model the
-# same way for comparison, and draw detections and spatial attention masks as PNG.
+# same way for comparison, print the COCO and per-class AP tables, and draw one PNG per
+# validation image: the ground truth beside the detections, the attention masks below.
 #
 #   tools/run_demo.sh                         # outputs in output/demo
 #   HARNET_DEMO_OUTPUT=/tmp/demo tools/run_demo.sh SOLVER.MAX_ITER 100   # extra overrides
@@ -29,7 +30,7 @@ echo "       candidate kept: untrained scores are all below the usual 0.05 thres
 "$PY" train_net.py --eval-only --config-file "$CFG" OUTPUT_DIR "$OUT/untrained" \
   "$@" MODEL.WEIGHTS "" MODEL.RETINANET.SCORE_THRESH_TEST 0.0
 
-echo "[demo] 3/3 pictures of detections and attention masks -> $OUT/vis"
+echo "[demo] 3/3 pictures (ground truth | detections, attention masks below) -> $OUT/vis"
 "$PY" tools/visualize.py --config-file "$CFG" --dataset harnet_shapes_val --max-images 6 \
   --output "$OUT/vis" "$@" MODEL.WEIGHTS "$OUT/model_final.pth"
 
@@ -47,5 +48,27 @@ print("\n[demo] harnet_shapes_val, COCO bbox AP (%):")
 print("  model      " + "".join(f"{k:>8}" for k in keys))
 for name, r in (("untrained", untrained), ("trained", trained)):
     print(f"  {name:<10} " + "".join(f"{float(r[k]):8.2f}" for k in keys))
+def per_class(log):
+    # The last "Per-category bbox AP" table COCOEvaluator logged: "| name | AP | name | AP |".
+    lines = open(log).read().splitlines()
+    start = max((i for i, l in enumerate(lines) if "Per-category bbox AP" in l), default=None)
+    if start is None:
+        return {}
+    cells = []
+    for l in lines[start + 3:]:
+        if not l.startswith("|"):
+            break
+        cells += [c.strip() for c in l.strip().strip("|").split("|")]
+    return {n: float(v) for n, v in zip(cells[0::2], cells[1::2]) if n}
+cls_trained = per_class(os.path.join(out, "log.txt"))
+cls_untrained = per_class(os.path.join(out, "untrained", "log.txt"))
+if cls_trained:
+    names = list(cls_trained)
+    width = max(8, max(len(n) for n in names) + 1)
+    print("\n[demo] per-class bbox AP (%):")
+    print("  model      " + "".join(f"{n:>{width}}" for n in names))
+    for name, r in (("untrained", cls_untrained), ("trained", cls_trained)):
+        if r:
+            print(f"  {name:<10} " + "".join(f"{float(r.get(n, float('nan'))):{width}.2f}" for n in names))
 print(f"[demo] total wall time {seconds // 60} min {seconds % 60} s; pictures in {os.path.join(out, 'vis')}")
 PY

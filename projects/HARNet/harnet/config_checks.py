@@ -6,11 +6,12 @@ yacs rejects unknown keys and a value whose type differs from the default's (``E
 ``SPATIAL.DILATIONS: [1, 2, 5, 2]`` (a flat list), ``[[1, 2.5, 5, 2]]`` (silently truncated
 to 2 by ``int()``), ``ALIGN.MID_CHANNELS: ["256"]`` or ``CHANNEL.LOSS_WEIGHTS: ["a", "b"]``
 reach the model builders and fail there, if at all, with messages that do not name the key.
-Ranges the builders do not check (a negative ``ALIGN.OFFSET_LR_FACTOR`` would make the
-offsets ascend their gradient) are checked here too. Combinations that depend on the
-network (rows of dilations vs. head levels, groups vs. channels) are checked by the
-builders (``harnet.modeling``), which know the shapes.
+Ranges no module checks (a negative ``ALIGN.OFFSET_LR_FACTOR`` would make the offsets
+ascend their gradient) are checked here too. Everything a module checks itself (positive
+sizes, rows of dilations vs. head levels, groups vs. channels) lives in its constructor;
+the builders add the key to its error (``harnet.modeling.config_keys``): one home per rule.
 """
+
 import math
 import numbers
 
@@ -50,39 +51,45 @@ def check_harnet_config(cfg):
     feats = list(a.IN_FEATURES)
     if not all(isinstance(f, str) for f in feats):
         _fail(k + "IN_FEATURES", "a list of backbone output names (str)", a.IN_FEATURES)
+    if a.ENABLED and not feats:
+        _fail(k + "IN_FEATURES", "non-empty with ALIGN.ENABLED (or set ENABLED False)", feats)
     mids = list(a.MID_CHANNELS)
-    if not mids or not all(_is_int(m) and m > 0 for m in mids):
-        _fail(k + "MID_CHANNELS", "a non-empty list of positive ints", a.MID_CHANNELS)
-    _positive_int(k + "DEFORM_GROUPS", a.DEFORM_GROUPS)
-    _positive_int(k + "NORM_GROUPS", a.NORM_GROUPS)
+    if not all(_is_int(m) for m in mids) or len(mids) not in (1, len(feats)):
+        _fail(k + "MID_CHANNELS", f"one int, or one per IN_FEATURES entry ({len(feats)})", mids)
     _finite(k + "LAST_NORM_INIT", a.LAST_NORM_INIT)
     _finite(k + "OFFSET_LR_FACTOR", a.OFFSET_LR_FACTOR, minimum=0)
 
-    _positive_int("MODEL.HARNET.CLGN.NUM_GROUPS", h.CLGN.NUM_GROUPS)
+    # NUM_GROUPS 0 would build no CLGN at all, silently: the module cannot tell.
+    if h.CLGN.ENABLED:
+        _positive_int("MODEL.HARNET.CLGN.NUM_GROUPS", h.CLGN.NUM_GROUPS)
+        # Checked here, not only by the head: Detectron2's RetinaNet.from_config first builds
+        # a plain RetinaNetHead, whose GroupNorm may fail on it without naming the key.
+        if cfg.MODEL.RETINANET.NORM:
+            _fail(
+                "MODEL.RETINANET.NORM",
+                "'' with MODEL.HARNET.CLGN.ENABLED (both normalise the towers; set one off)",
+                cfg.MODEL.RETINANET.NORM,
+            )
     _finite("MODEL.HARNET.CLGN.LAST_NORM_INIT", h.CLGN.LAST_NORM_INIT)
 
-    s, k = h.SPATIAL, "MODEL.HARNET.SPATIAL."
-    rows = s.DILATIONS
-    ok = isinstance(rows, (list, tuple)) and len(rows) > 0 and all(
-        isinstance(r, (list, tuple)) and len(r) > 0 and all(_is_int(d) and d > 0 for d in r)
-        for r in rows
+    rows = h.SPATIAL.DILATIONS
+    ok = isinstance(rows, (list, tuple)) and all(
+        isinstance(r, (list, tuple)) and all(_is_int(d) for d in r) for r in rows
     )
     if not ok:
         _fail(
-            k + "DILATIONS",
-            "a list of non-empty lists of positive ints, one per head level or one for all "
-            "(e.g. [[1, 2, 5, 2]])",
+            "MODEL.HARNET.SPATIAL.DILATIONS",
+            "a list of lists of ints, one per head level or one for all (e.g. [[1, 2, 5, 2]])",
             rows,
         )
-    _positive_int(k + "CHANNELS", s.CHANNELS)
-    if not (_is_int(s.NORM_GROUPS) and s.NORM_GROUPS >= 0):
-        _fail(k + "NORM_GROUPS", "an int >= 0", s.NORM_GROUPS)
 
-    c, k = h.CHANNEL, "MODEL.HARNET.CHANNEL."
-    _positive_int(k + "HIDDEN", c.HIDDEN)
-    weights = list(c.LOSS_WEIGHTS)
+    weights = list(h.CHANNEL.LOSS_WEIGHTS)
     if len(weights) != 2 or not all(_is_real(w) and w >= 0 for w in weights):
-        _fail(k + "LOSS_WEIGHTS", "two finite numbers >= 0 (predictors A and B)", c.LOSS_WEIGHTS)
+        _fail(
+            "MODEL.HARNET.CHANNEL.LOSS_WEIGHTS",
+            "two finite numbers >= 0 (predictors A and B)",
+            h.CHANNEL.LOSS_WEIGHTS,
+        )
 
 
 def check_solver_config(cfg):
@@ -115,7 +122,9 @@ def check_test_aug_config(cfg):
     if not aug.ENABLED:
         return
     sizes = aug.MIN_SIZES
-    if not (isinstance(sizes, (list, tuple)) and sizes and all(_is_int(x) and x > 0 for x in sizes)):
+    if not (
+        isinstance(sizes, (list, tuple)) and sizes and all(_is_int(x) and x > 0 for x in sizes)
+    ):
         _fail("TEST.AUG.MIN_SIZES", "a non-empty list of positive ints (short sides)", sizes)
     _positive_int("TEST.AUG.MAX_SIZE", aug.MAX_SIZE)
     if not isinstance(aug.FLIP, bool):

@@ -1,4 +1,5 @@
 """Aligned attention: a deformable-conv residual bottleneck that refines a backbone output."""
+
 import fvcore.nn.weight_init as weight_init
 import torch
 from torch import Tensor, nn

@@ -81,4 +81,3 @@ class RoundedAnchorGenerator(DefaultAnchorGenerator):
             if buf.shape != cell.shape:
                 raise AssertionError(f"cell anchors {tuple(cell.shape)} vs {tuple(buf.shape)}")
             buf.copy_(cell)
-

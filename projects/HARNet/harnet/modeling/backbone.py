@@ -11,6 +11,7 @@ from detectron2.modeling.backbone import ResNet
 from detectron2.modeling.backbone.fpn import build_retinanet_resnet_fpn_backbone
 
 from .aligned_attention import AlignedAttention
+from .config_keys import ALIGN_KEYS, naming_config_keys
 
 __all__ = ["AlignedResNet", "build_harnet_resnet_fpn_backbone"]
 
@@ -42,11 +43,6 @@ class AlignedResNet(ResNet):
             raise ValueError("AlignedResNet: resnet must have no classifier (num_classes=None)")
         in_features = list(in_features)
         refiners = list(refiners)
-        if len(in_features) != len(refiners):
-            raise ValueError(
-                f"AlignedResNet: got {len(in_features)} in_features {in_features} but "
-                f"{len(refiners)} refiners"
-            )
         unknown = [f for f in in_features if f not in resnet._out_features]
         if unknown:
             raise ValueError(
@@ -55,6 +51,11 @@ class AlignedResNet(ResNet):
             )
         if len(set(in_features)) != len(in_features):
             raise ValueError(f"AlignedResNet: in_features has duplicates: {in_features}")
+        if len(in_features) != len(refiners):
+            raise ValueError(
+                f"AlignedResNet: got {len(in_features)} in_features {in_features} but "
+                f"{len(refiners)} refiners"
+            )
         stages = [list(getattr(resnet, name)) for name in resnet.stage_names]
         # freeze_at=0: the adopted blocks keep the frozen state `resnet` gave them.
         super().__init__(resnet.stem, stages, out_features=list(resnet._out_features))
@@ -76,56 +77,24 @@ class AlignedResNet(ResNet):
 
 def aligned_attention_from_config(cfg, bottom_up_shapes) -> List[nn.Module]:
     """The :class:`AlignedAttention` blocks of ``cfg.MODEL.HARNET.ALIGN``, one per
-    IN_FEATURES entry, checked against the bottom-up output shapes (dict name -> ShapeSpec)."""
+    IN_FEATURES entry that is a bottom-up output (dict name -> ShapeSpec); the others are
+    left to :class:`AlignedResNet`'s check."""
     align = cfg.MODEL.HARNET.ALIGN
-    in_features = list(align.IN_FEATURES)
-    if not in_features:
-        raise ValueError(
-            "MODEL.HARNET.ALIGN.IN_FEATURES is empty; set MODEL.HARNET.ALIGN.ENABLED=False to "
-            "build without aligned attention"
-        )
-    unknown = [f for f in in_features if f not in bottom_up_shapes]
-    if unknown:
-        raise ValueError(
-            f"MODEL.HARNET.ALIGN.IN_FEATURES {unknown} are not backbone outputs; "
-            f"MODEL.RESNETS.OUT_FEATURES is {sorted(bottom_up_shapes)}"
-        )
-    if len(set(in_features)) != len(in_features):
-        raise ValueError(f"MODEL.HARNET.ALIGN.IN_FEATURES has duplicates: {in_features}")
+    in_features = [f for f in align.IN_FEATURES if f in bottom_up_shapes]
     mid = list(align.MID_CHANNELS)
-    if len(mid) == 1:
-        mid = mid * len(in_features)
-    if len(mid) != len(in_features):
-        raise ValueError(
-            f"MODEL.HARNET.ALIGN.MID_CHANNELS has {len(mid)} values for {len(in_features)} "
-            f"IN_FEATURES {in_features}; give one value, or one per feature"
+    mid = mid * len(in_features) if len(mid) == 1 else mid
+    return [
+        AlignedAttention(
+            bottom_up_shapes[name].channels,
+            mid_channels=mid_channels,
+            deform_groups=align.DEFORM_GROUPS,
+            norm_groups=align.NORM_GROUPS,
+            last_norm_init=align.LAST_NORM_INIT,
+            offset_lr_factor=align.OFFSET_LR_FACTOR,
+            init=cfg.MODEL.HARNET.INIT,
         )
-    blocks = []
-    for name, mid_channels in zip(in_features, mid):
-        channels = bottom_up_shapes[name].channels
-        groups = align.NORM_GROUPS
-        for key, value in (("MID_CHANNELS", mid_channels), (f"channels of {name}", channels)):
-            if groups <= 0 or value % groups != 0:
-                raise ValueError(
-                    f"MODEL.HARNET.ALIGN.NORM_GROUPS={groups} must divide {key} ({value})"
-                )
-        if align.DEFORM_GROUPS <= 0 or mid_channels % align.DEFORM_GROUPS != 0:
-            raise ValueError(
-                f"MODEL.HARNET.ALIGN.DEFORM_GROUPS={align.DEFORM_GROUPS} must divide "
-                f"MODEL.HARNET.ALIGN.MID_CHANNELS ({mid_channels})"
-            )
-        blocks.append(
-            AlignedAttention(
-                channels,
-                mid_channels=mid_channels,
-                deform_groups=align.DEFORM_GROUPS,
-                norm_groups=groups,
-                last_norm_init=align.LAST_NORM_INIT,
-                offset_lr_factor=align.OFFSET_LR_FACTOR,
-                init=cfg.MODEL.HARNET.INIT,
-            )
-        )
-    return blocks
+        for name, mid_channels in zip(in_features, mid)
+    ]
 
 
 @BACKBONE_REGISTRY.register()
@@ -143,8 +112,9 @@ def build_harnet_resnet_fpn_backbone(cfg, input_shape: ShapeSpec):
     if not cfg.MODEL.HARNET.ALIGN.ENABLED:
         return backbone
     resnet = backbone.bottom_up
-    blocks = aligned_attention_from_config(cfg, resnet.output_shape())
-    # The FPN only reads the bottom-up's output shapes at construction, and refinement
-    # keeps them, so swapping in the refined ResNet keeps the FPN valid and its param names.
-    backbone.bottom_up = AlignedResNet(resnet, cfg.MODEL.HARNET.ALIGN.IN_FEATURES, blocks)
+    with naming_config_keys(ALIGN_KEYS):
+        blocks = aligned_attention_from_config(cfg, resnet.output_shape())
+        # The FPN only reads the bottom-up's output shapes at construction, and refinement
+        # keeps them, so swapping in the refined ResNet keeps the FPN valid and its names.
+        backbone.bottom_up = AlignedResNet(resnet, cfg.MODEL.HARNET.ALIGN.IN_FEATURES, blocks)
     return backbone

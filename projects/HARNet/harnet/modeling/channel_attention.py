@@ -1,4 +1,5 @@
 """Channel attention: squeeze-and-excitation whose squeeze spans all pyramid levels."""
+
 from typing import List, Optional, Sequence
 
 import torch

@@ -1,4 +1,5 @@
 """Cross-level group norm (CLGN): group norm whose statistics span all pyramid levels."""
+
 from typing import List, Sequence
 
 import torch
@@ -96,7 +97,9 @@ class CrossLevelGroupNorm(nn.Module):
         sizes = [f.shape[2] for f in flat]
         # One group_norm call over the concatenation gives the cross-level statistics
         # (a single fused kernel, no python loop over groups).
-        out = F.group_norm(torch.cat(flat, dim=2), self.num_groups, self.weight, self.bias, self.eps)
+        out = F.group_norm(
+            torch.cat(flat, dim=2), self.num_groups, self.weight, self.bias, self.eps
+        )
         return [o.reshape(f.shape) for o, f in zip(out.split(sizes, dim=2), features)]
 
     def extra_repr(self) -> str:

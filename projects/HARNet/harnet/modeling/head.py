@@ -14,7 +14,7 @@ from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
 
 from .channel_attention import CrossLevelSE
 from .clgn import CrossLevelGroupNorm
-from .init import INIT_SCHEMES, init_head_
+from .init import init_head_
 from .spatial_attention import SpatialAttention
 
 __all__ = ["HARRetinaNetHead", "SPATIAL_MODES"]
@@ -175,66 +175,8 @@ class HARRetinaNetHead(RetinaNetHead):
         nn.init.constant_(norms[-1].weight, last_norm_init)
         return norms
 
-    @staticmethod
-    def check_config(cfg, num_levels: int, channels: int) -> None:
-        """Raise ValueError, naming the key, for MODEL.HARNET.{CLGN,SPATIAL,CHANNEL} values
-        that cannot build a head of ``num_levels`` levels with ``channels`` channels."""
-        har = cfg.MODEL.HARNET
-        if har.CLGN.ENABLED:
-            if cfg.MODEL.RETINANET.NORM:
-                raise ValueError(
-                    f"MODEL.RETINANET.NORM={cfg.MODEL.RETINANET.NORM!r} cannot be combined with "
-                    "MODEL.HARNET.CLGN.ENABLED=True (both normalise the towers); "
-                    "set one of them off"
-                )
-            if har.CLGN.NUM_GROUPS <= 0 or channels % har.CLGN.NUM_GROUPS != 0:
-                raise ValueError(
-                    f"MODEL.HARNET.CLGN.NUM_GROUPS={har.CLGN.NUM_GROUPS} must be a positive "
-                    f"divisor of the tower channels MODEL.FPN.OUT_CHANNELS={channels}"
-                )
-        if har.SPATIAL.ENABLED:
-            dilations = [list(row) for row in har.SPATIAL.DILATIONS]
-            if not dilations or any(
-                not isinstance(row, (list, tuple)) or not row or any(int(d) <= 0 for d in row)
-                for row in dilations
-            ):
-                raise ValueError(
-                    "MODEL.HARNET.SPATIAL.DILATIONS must be a list of non-empty lists of "
-                    f"positive ints, got {har.SPATIAL.DILATIONS}"
-                )
-            if len(dilations) not in (1, num_levels):
-                raise ValueError(
-                    f"MODEL.HARNET.SPATIAL.DILATIONS has {len(dilations)} rows but the head has "
-                    f"{num_levels} levels (MODEL.RETINANET.IN_FEATURES="
-                    f"{list(cfg.MODEL.RETINANET.IN_FEATURES)}); give one row per level or one row"
-                )
-            if har.SPATIAL.MODE not in SPATIAL_MODES:
-                raise ValueError(
-                    f"MODEL.HARNET.SPATIAL.MODE={har.SPATIAL.MODE!r} is unknown; use one of "
-                    f"{SPATIAL_MODES}"
-                )
-            if har.SPATIAL.SHARED and len({tuple(r) for r in dilations}) != 1:
-                raise ValueError(
-                    "MODEL.HARNET.SPATIAL.SHARED=True needs the same dilations for every level, "
-                    f"but MODEL.HARNET.SPATIAL.DILATIONS={dilations}; give a single row, "
-                    "e.g. [[1, 2, 5, 2]]"
-                )
-            ng = har.SPATIAL.NORM_GROUPS
-            if har.SPATIAL.CHANNELS <= 0 or ng < 0 or (ng > 0 and har.SPATIAL.CHANNELS % ng):
-                raise ValueError(
-                    f"MODEL.HARNET.SPATIAL.NORM_GROUPS={ng} must be 0 or divide "
-                    f"MODEL.HARNET.SPATIAL.CHANNELS={har.SPATIAL.CHANNELS} (> 0)"
-                )
-        if har.INIT not in INIT_SCHEMES:
-            raise ValueError(
-                f"MODEL.HARNET.INIT={har.INIT!r} is unknown; use one of {INIT_SCHEMES}"
-            )
-        if har.CHANNEL.ENABLED and har.CHANNEL.HIDDEN <= 0:
-            raise ValueError(f"MODEL.HARNET.CHANNEL.HIDDEN={har.CHANNEL.HIDDEN} must be positive")
-
     @classmethod
     def from_config(cls, cfg, input_shape: List[ShapeSpec]):
-        cls.check_config(cfg, len(input_shape), input_shape[0].channels)
         ret = super().from_config(cfg, input_shape)
         har = cfg.MODEL.HARNET
         ret.update(

@@ -13,6 +13,7 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import get_event_storage
 
 from ..config_checks import check_harnet_config
+from .config_keys import HEAD_KEYS, naming_config_keys
 from ..layers.postprocess import postprocess_params_from_cfg, suppress_detections
 from .candidates import CANDIDATE_MODES, authors_level_candidates
 from .head import HARRetinaNetHead
@@ -119,28 +120,16 @@ class HARRetinaNet(RetinaNet):
 
     @classmethod
     def from_config(cls, cfg):
-        # Before RetinaNet.from_config, which builds (and we replace) a plain RetinaNetHead
-        # that would fail on some of these with an error not naming the key.
-        check_harnet_config(cfg)
-        HARRetinaNetHead.check_config(
-            cfg, len(cfg.MODEL.RETINANET.IN_FEATURES), cfg.MODEL.FPN.OUT_CHANNELS
-        )
+        check_harnet_config(cfg)  # element types inside lists, before any module is built
         ret = super().from_config(cfg)
         feature_shapes = [
             ret["backbone"].output_shape()[f] for f in cfg.MODEL.RETINANET.IN_FEATURES
         ]
-        ret["head"] = HARRetinaNetHead(cfg, feature_shapes)
+        with naming_config_keys(HEAD_KEYS):
+            ret["head"] = HARRetinaNetHead(cfg, feature_shapes)
         channel = cfg.MODEL.HARNET.CHANNEL
-        if channel.ENABLED and channel.DUAL_PREDICTOR:
-            weights = list(channel.LOSS_WEIGHTS)
-            if len(weights) != 2 or any(not math.isfinite(w) or w < 0 for w in weights):
-                raise ValueError(
-                    "MODEL.HARNET.CHANNEL.LOSS_WEIGHTS must be two non-negative numbers (predictor "
-                    f"A, predictor B), got {channel.LOSS_WEIGHTS}"
-                )
-            ret["predictor_loss_weights"] = weights
-        else:
-            ret["predictor_loss_weights"] = [1.0]
+        dual = channel.ENABLED and channel.DUAL_PREDICTOR
+        ret["predictor_loss_weights"] = list(channel.LOSS_WEIGHTS) if dual else [1.0]
         ret["postprocess_params"] = postprocess_params_from_cfg(cfg)
         har = cfg.MODEL.HARNET
         ret.update(

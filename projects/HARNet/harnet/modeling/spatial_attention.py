@@ -1,4 +1,5 @@
 """Spatial attention: a stacked-dilated-conv branch predicting a one-channel sigmoid mask."""
+
 from typing import Sequence
 
 import torch

@@ -27,8 +27,9 @@ def _add_model_config(cfg):
     ``MODEL.BACKBONE.NAME = "build_harnet_resnet_fpn_backbone"``; every other model key
     (anchors, focal loss, towers' NUM_CONVS, test thresholds) is Detectron2's own
     ``MODEL.RETINANET.*``. With the four ENABLED switches False the model is exactly
-    Detectron2's RetinaNet. Values are checked when the model is built (by the backbone
-    builder and ``HARRetinaNetHead.check_config``), with errors naming the key.
+    Detectron2's RetinaNet. Values are checked when the model is built (``config_checks``
+    for what only the config sees, each module for its arguments, the builders adding the
+    key to a module's error), with errors naming the key.
     """
     # --- Aligned attention (reference 3.1): deformable bottleneck on backbone outputs ---
     cfg.MODEL.HARNET.ALIGN = CN()

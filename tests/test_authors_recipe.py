@@ -602,3 +602,25 @@ def test_bad_recipe_values_name_the_key(key, value):
     cfg.merge_from_list([key, value])
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         build_optimizer(cfg, build_model(cfg))
+
+
+def test_adamw_gets_the_same_parameter_groups_as_sgd(authors_model):
+    # One home for the parameter groups: SOLVER.OPTIMIZER only changes the update rule,
+    # never the per-parameter lr / weight decay (the authors' bias exceptions included).
+    cfg = _authors_tiny()
+    sgd = build_optimizer(cfg, authors_model)
+    cfg = cfg.clone()
+    cfg.SOLVER.OPTIMIZER = "AdamW"
+    adamw = build_optimizer(cfg, authors_model)
+    assert type(adamw).__name__.endswith("AdamW") and type(sgd).__name__.endswith("SGD")
+
+    def groups(opt):
+        return sorted(
+            (id(p), g["lr"], g["weight_decay"]) for g in opt.param_groups for p in g["params"]
+        )
+
+    assert groups(adamw) == groups(sgd)
+    assert len({lr for _, lr, _ in groups(sgd)}) > 1  # the groups do differ
+    with pytest.raises(ValueError, match=r"SOLVER\.OPTIMIZER"):
+        cfg.SOLVER.OPTIMIZER = "Adam"
+        build_optimizer(cfg, authors_model)

@@ -160,10 +160,15 @@ def get_optimizer_params(
 
 def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
     """
-    Detectron2's :func:`detectron2.solver.build_optimizer` (SGD with the SOLVER.* settings
-    and optional gradient clipping) on :func:`get_optimizer_params`, so modules'
-    ``lr_factor`` (MODEL.HARNET.ALIGN.OFFSET_LR_FACTOR) is honoured.
+    Detectron2's :func:`detectron2.solver.build_optimizer` on :func:`get_optimizer_params`,
+    so modules' ``lr_factor`` (MODEL.HARNET.ALIGN.OFFSET_LR_FACTOR) and the authors' bias
+    exceptions are honoured; with optional gradient clipping. ``SOLVER.OPTIMIZER``: "SGD"
+    (Detectron2's: momentum, Nesterov) or "AdamW" (the same parameter groups, decoupled
+    weight decay ``WEIGHT_DECAY``).
     """
+    name = cfg.SOLVER.get("OPTIMIZER", "SGD")
+    if name not in ("SGD", "AdamW"):
+        raise ValueError(f"cfg.SOLVER.OPTIMIZER must be 'SGD' or 'AdamW', got {name!r}")
     params = get_optimizer_params(
         model,
         base_lr=cfg.SOLVER.BASE_LR,
@@ -172,6 +177,10 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
         weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
         bias_exceptions=cfg.SOLVER.BIAS_EXCEPTIONS,
     )
+    if name == "AdamW":
+        return maybe_add_gradient_clipping(cfg, torch.optim.AdamW)(
+            params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY
+        )
     return maybe_add_gradient_clipping(cfg, torch.optim.SGD)(
         params,
         lr=cfg.SOLVER.BASE_LR,

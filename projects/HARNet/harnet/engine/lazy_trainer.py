@@ -14,26 +14,24 @@ model-zoo ``.py`` configs, via :func:`detectron2.config.instantiate`:
 and keeps ``DefaultTrainer``'s hooks, checkpointing, resume, evaluation and metric
 printing unchanged.
 """
+
 import copy
 import functools
 import logging
-import weakref
 from collections import OrderedDict
 
 from detectron2.config import instantiate
 from detectron2.data import build_detection_train_loader
 from detectron2.data.samplers import TrainingSampler
-from detectron2.engine import create_ddp_model, default_writers, hooks
-from detectron2.engine.train_loop import TrainerBase
+from detectron2.engine import default_writers, hooks
 from detectron2.evaluation import COCOEvaluator, inference_on_dataset, print_csv_format
+from detectron2.engine.train_loop import TrainerBase
 from detectron2.solver import LRMultiplier
 from detectron2.utils import comm
-from detectron2.utils.logger import setup_logger
 from omegaconf import OmegaConf
 
 from ..data.samplers import ResumableTrainLoader
-from .faults import AtomicDetectionCheckpointer, GuardedAMPTrainer, GuardedSimpleTrainer
-from .trainer import HARNetTrainer, ddp_kwargs_for, fast_coco_eval_available
+from .trainer import HARNetTrainer, fast_coco_eval_available
 
 __all__ = ["LazyConfigTrainer"]
 
@@ -55,32 +53,20 @@ class LazyConfigTrainer(HARNetTrainer):
         trainer.train()
     """
 
-    def __init__(self, cfg):
+    def _prepare_config(self, cfg):
         for key in ("model", "optimizer", "lr_multiplier", "dataloader", "train"):
             if key not in cfg:
                 raise KeyError(f"LazyConfig is missing the top-level key {key!r}")
-        TrainerBase.__init__(self)
-        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
-            setup_logger()
+        return cfg
 
-        model = self.build_model(cfg)
-        optimizer = self.build_optimizer(cfg, model)
-        data_loader = self.build_train_loader(cfg)
-
-        ddp = dict(_select(cfg, "train.ddp", {}))
-        model = create_ddp_model(model, **ddp_kwargs_for(model, **ddp))
-        amp = _select(cfg, "train.amp.enabled", False)
-        self._trainer = (GuardedAMPTrainer if amp else GuardedSimpleTrainer)(
-            model, data_loader, optimizer
+    @staticmethod
+    def _run_settings(cfg) -> dict:
+        return dict(
+            ddp=dict(_select(cfg, "train.ddp", {})),
+            amp=_select(cfg, "train.amp.enabled", False),
+            max_iter=cfg.train.max_iter,
+            output_dir=cfg.train.output_dir,
         )
-        self.max_iter = cfg.train.max_iter
-        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = AtomicDetectionCheckpointer(
-            model, cfg.train.output_dir, trainer=weakref.proxy(self)
-        )
-        self.start_iter = 0
-        self.cfg = cfg
-        self.register_hooks(self.build_hooks())
 
     # --- builders --------------------------------------------------------------------
     @classmethod
@@ -108,9 +94,17 @@ class LazyConfigTrainer(HARNetTrainer):
         ``train.seed``), which ``--resume`` starts at the resumed iteration."""
         loader_cfg = cfg.dataloader.train
         plain = loader_cfg.get("_target_") in (
-            build_detection_train_loader, _qualname(build_detection_train_loader))
-        usual = {"_target_", "dataset", "mapper", "total_batch_size", "aspect_ratio_grouping",
-                 "num_workers"}
+            build_detection_train_loader,
+            _qualname(build_detection_train_loader),
+        )
+        usual = {
+            "_target_",
+            "dataset",
+            "mapper",
+            "total_batch_size",
+            "aspect_ratio_grouping",
+            "num_workers",
+        }
         if not plain or not set(loader_cfg.keys()) <= usual:
             return instantiate(loader_cfg)
         dataset = instantiate(loader_cfg.dataset)
@@ -119,8 +113,11 @@ class LazyConfigTrainer(HARNetTrainer):
         seed = _select(cfg, "train.seed", -1)
         seed = seed if seed >= 0 else comm.shared_random_seed()
         return ResumableTrainLoader(
-            dataset, instantiate(loader_cfg.mapper),
-            functools.partial(TrainingSampler, len(dataset)), loader_cfg.total_batch_size, seed,
+            dataset,
+            instantiate(loader_cfg.mapper),
+            functools.partial(TrainingSampler, len(dataset)),
+            loader_cfg.total_batch_size,
+            seed,
             aspect_ratio_grouping=loader_cfg.get("aspect_ratio_grouping", True),
             num_workers=loader_cfg.get("num_workers", 0),
         )
@@ -186,7 +183,9 @@ class LazyConfigTrainer(HARNetTrainer):
         ret.append(hooks.EvalHook(_select(cfg, "train.eval_period", 0), test_and_save_results))
         if comm.is_main_process():
             ret.append(
-                hooks.PeriodicWriter(self.build_writers(), period=_select(cfg, "train.log_period", 20))
+                hooks.PeriodicWriter(
+                    self.build_writers(), period=_select(cfg, "train.log_period", 20)
+                )
             )
         return ret
 
@@ -196,7 +195,9 @@ class LazyConfigTrainer(HARNetTrainer):
     def resume_or_load(self, resume=True):
         """Resume from ``train.output_dir``'s last checkpoint when ``resume`` and one exists,
         else load ``train.init_checkpoint`` (weights only) and start at iteration 0."""
-        self.checkpointer.resume_or_load(_select(self.cfg, "train.init_checkpoint", ""), resume=resume)
+        self.checkpointer.resume_or_load(
+            _select(self.cfg, "train.init_checkpoint", ""), resume=resume
+        )
         if resume and self.checkpointer.has_checkpoint():
             self.start_iter = self.iter + 1
         self._start_data_at(self.start_iter)

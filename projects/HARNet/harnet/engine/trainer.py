@@ -23,22 +23,21 @@ Differences from ``DefaultTrainer`` (everything else, hooks included, is inherit
   Detectron2 0.6 always passes ``device_ids=[local_rank]``, which DDP rejects for CPU
   modules.
 """
+
 import logging
 import os
 import weakref
 from collections import OrderedDict
 
-import torch
 from detectron2.engine import DefaultTrainer, create_ddp_model
 from detectron2.engine.train_loop import TrainerBase
 from detectron2.evaluation import COCOEvaluator
-from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from ..data.loaders import build_harnet_test_loader, build_harnet_train_loader
 from ..data.samplers import ResumableTrainLoader
-from ..solver import build_optimizer, get_optimizer_params
+from ..solver import build_optimizer
 from .faults import (
     AtomicDetectionCheckpointer,
     GuardedAMPTrainer,
@@ -85,29 +84,44 @@ class HARNetTrainer(LossNormalizerStateMixin, DefaultTrainer):
     """
 
     def __init__(self, cfg):
-        # Same construction order as DefaultTrainer.__init__; only the DDP wrapping differs
-        # (device-agnostic), which DefaultTrainer does not expose as a method.
+        # DefaultTrainer.__init__'s construction order, which it does not let a subclass
+        # reuse: its DDP wrapping assumes CUDA device ids (ddp_kwargs_for is device-agnostic)
+        # and its step runners cannot be chosen (Guarded*Trainer check losses first).
         TrainerBase.__init__(self)
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()
-        cfg = self.auto_scale_workers(cfg, comm.get_world_size())
-
+        cfg = self._prepare_config(cfg)
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
 
-        model = create_ddp_model(model, **ddp_kwargs_for(model, broadcast_buffers=False))
-        self._trainer = (GuardedAMPTrainer if cfg.SOLVER.AMP.ENABLED else GuardedSimpleTrainer)(
+        run = self._run_settings(cfg)
+        model = create_ddp_model(model, **ddp_kwargs_for(model, **run["ddp"]))
+        self._trainer = (GuardedAMPTrainer if run["amp"] else GuardedSimpleTrainer)(
             model, data_loader, optimizer
         )
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = AtomicDetectionCheckpointer(
-            model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+            model, run["output_dir"], trainer=weakref.proxy(self)
         )
         self.start_iter = 0
-        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.max_iter = run["max_iter"]
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    def _prepare_config(self, cfg):
+        """The config the trainer runs (yacs: workers scaled to the number of processes)."""
+        return self.auto_scale_workers(cfg, comm.get_world_size())
+
+    @staticmethod
+    def _run_settings(cfg) -> dict:
+        """DDP keyword arguments, AMP on/off, MAX_ITER and the output folder of ``cfg``."""
+        return dict(
+            ddp=dict(broadcast_buffers=False),
+            amp=cfg.SOLVER.AMP.ENABLED,
+            max_iter=cfg.SOLVER.MAX_ITER,
+            output_dir=cfg.OUTPUT_DIR,
+        )
 
     def state_dict(self):
         # Detectron2 0.6's DefaultTrainer checkpoints only the iteration and the hooks'
@@ -177,26 +191,8 @@ class HARNetTrainer(LossNormalizerStateMixin, DefaultTrainer):
 
     @classmethod
     def build_optimizer(cls, cfg, model):
-        """``cfg.SOLVER.OPTIMIZER``: "SGD" is :func:`harnet.solver.build_optimizer`;
-        "AdamW" uses the same parameter groups (lr factors, norm/bias weight decay) and
-        gradient clipping with ``torch.optim.AdamW`` (lr ``BASE_LR``, decoupled weight decay
-        ``WEIGHT_DECAY``)."""
-        name = cfg.SOLVER.OPTIMIZER
-        if name == "SGD":
-            return build_optimizer(cfg, model)
-        if name == "AdamW":
-            params = get_optimizer_params(
-                model,
-                base_lr=cfg.SOLVER.BASE_LR,
-                weight_decay=cfg.SOLVER.WEIGHT_DECAY,
-                weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
-                bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
-                weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
-            )
-            return maybe_add_gradient_clipping(cfg, torch.optim.AdamW)(
-                params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY
-            )
-        raise ValueError(f"SOLVER.OPTIMIZER={name!r} is unknown; use 'SGD' or 'AdamW'")
+        """:func:`harnet.solver.build_optimizer` (``SOLVER.OPTIMIZER``: SGD or AdamW)."""
+        return build_optimizer(cfg, model)
 
     @classmethod
     def build_train_loader(cls, cfg):
@@ -219,7 +215,9 @@ class HARNetTrainer(LossNormalizerStateMixin, DefaultTrainer):
         logger.info("Running inference with test-time augmentation ...")
         model = HARRetinaNetWithTTA(cfg, model)
         evaluators = [
-            cls.build_evaluator(cfg, name, output_folder=os.path.join(cfg.OUTPUT_DIR, "inference_TTA"))
+            cls.build_evaluator(
+                cfg, name, output_folder=os.path.join(cfg.OUTPUT_DIR, "inference_TTA")
+            )
             for name in cfg.DATASETS.TEST
         ]
         res = cls.test(cfg, model, evaluators)

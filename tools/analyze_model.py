@@ -25,9 +25,7 @@ import time
 from collections import OrderedDict
 
 import torch
-from torch import nn
-from fvcore.nn import FlopCountAnalysis, parameter_count
-from fvcore.nn.jit_handles import conv_flop_count, get_shape
+from fvcore.nn import parameter_count
 from tabulate import tabulate
 from tqdm import tqdm
 
@@ -36,6 +34,7 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
 import harnet
+from harnet.analysis import flop_count
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -58,13 +57,6 @@ RETINANET_GROUPS = OrderedDict(
         ("predictor A", ["head.cls_score.", "head.bbox_pred."]),
     ]
 )
-
-
-def deform_conv2d_flop_jit(inputs, outputs):
-    """fvcore handle for torchvision::deform_conv2d(input, weight, offset, mask, bias, ...):
-    the multiply-adds of a conv with the same input, weight and output shapes."""
-    x_shape, w_shape, out_shape = get_shape(inputs[0]), get_shape(inputs[1]), get_shape(outputs[0])
-    return conv_flop_count(x_shape, w_shape, out_shape)
 
 
 def build(config_file, opts, har):
@@ -91,43 +83,6 @@ def group_sums(per_name, groups, taken):
                 taken.add(name)
         out[group] = total
     return out
-
-
-class DenseForward(nn.Module):
-    """The traceable part of a RetinaNet-style model: normalise and pad the image, backbone,
-    head. Candidate decoding and NMS (no multiply-adds worth counting) are left out.
-    (Detectron2's own FlopCountAnalysis wrapper needs detectron2.export, which imports
-    caffe2 in Detectron2 0.6.)"""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, image):
-        images = self.model.preprocess_image([{"image": image}])
-        features = self.model.backbone(images.tensor)
-        logits, deltas = self.model.head([features[f] for f in self.model.head_in_features])
-        return tuple(logits) + tuple(deltas)
-
-
-def flop_count(model, inputs):
-    flops = FlopCountAnalysis(DenseForward(model), (inputs[0]["image"],))
-    flops.set_op_handle("torchvision::deform_conv2d", deform_conv2d_flop_jit)
-    flops.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-    total = flops.total()
-    by_module = flops.by_module()
-    # TracingAdapter wraps the model as ".model"; strip that prefix.
-    by_module = {
-        (k[len("model.") :] if k.startswith("model.") else ("" if k == "model" else k)): v
-        for k, v in by_module.items()
-    }
-    # Each module's own flops (its total minus its children's): a partition of the total
-    # by module name, so parts can be summed by name prefix.
-    own = OrderedDict()
-    for name, module in model.named_modules():
-        children = [f"{name}.{c}" if name else c for c, _ in module.named_children()]
-        own[name + "."] = by_module.get(name, 0) - sum(by_module.get(c, 0) for c in children)
-    return total, own, dict(flops.unsupported_ops())
 
 
 def report_size(har_model, base_model, har_params, base_params, param_sizes, inputs):

@@ -29,6 +29,7 @@ Examples:
         full=configs/HARNet/har_R_50_FPN_1x.yaml --skip-train --skip-memory --profile 15
     python tools/benchmark.py --size 256 320 MODEL.RESNETS.DEPTH 18 MODEL.RESNETS.RES2_OUT_CHANNELS 64
 """
+
 import argparse
 import json
 import os
@@ -59,7 +60,7 @@ DEFAULT_CONFIGS = [
 
 def parse_config_entry(entry):
     """``[LABEL=]PATH[@KEY=VALUE]...`` -> (label, path, opts)."""
-    from harnet.engine.compare import parse_variant  # the same @KEY=VALUE syntax
+    from harnet.engine.defaults import parse_variant  # the same @KEY=VALUE syntax
 
     head, opts = parse_variant(entry)
     label, _, path = head.rpartition("=")
@@ -91,11 +92,15 @@ def make_inputs(size, batch, device, seed):
     for _ in range(batch):
         xy = torch.rand(4, 2, generator=g) * torch.tensor([w * 0.7, h * 0.7])
         wh = (0.05 + torch.rand(4, 2, generator=g) * 0.25) * torch.tensor([w, h])
-        inst = Instances((h, w), gt_boxes=Boxes(torch.cat([xy, xy + wh], 1)),
-                         gt_classes=torch.randint(0, 3, (4,), generator=g))
+        inst = Instances(
+            (h, w),
+            gt_boxes=Boxes(torch.cat([xy, xy + wh], 1)),
+            gt_classes=torch.randint(0, 3, (4,), generator=g),
+        )
         image = (torch.rand(3, h, w, generator=g) * 255).to(torch.uint8)
-        out.append({"image": image.to(device), "height": h, "width": w,
-                    "instances": inst.to(device)})
+        out.append(
+            {"image": image.to(device), "height": h, "width": w, "instances": inst.to(device)}
+        )
     return out
 
 
@@ -113,7 +118,9 @@ class Runner:
         self.label, self.path, self.opts, self.device = label, path, opts, args.device
         # "cpu": this process's CPU time (all threads): less sensitive than wall time to
         # other processes competing for the cores (use with --threads 1 on a busy machine).
-        self.clock = time.process_time if getattr(args, "clock", "wall") == "cpu" else time.perf_counter
+        self.clock = (
+            time.process_time if getattr(args, "clock", "wall") == "cpu" else time.perf_counter
+        )
         torch.manual_seed(0)
         self.cfg, self.model = build_model_from(path, opts, args.device)
         self.optimizer = build_optimizer(self.cfg, self.model)
@@ -129,8 +136,7 @@ class Runner:
         self.train_inputs = make_inputs(args.size, args.train_batch, args.device, seed=2)
         self.params = sum(p.numel() for p in self.model.parameters())
         self.infer_times, self.dense_times, self.train_times = [], [], []
-        sys.path.insert(0, TOOLS)
-        from analyze_model import DenseForward  # what the FLOPs count: backbone + head
+        from harnet.analysis import DenseForward  # what the FLOPs count: backbone + head
 
         self.dense = DenseForward(self.model)
 
@@ -168,7 +174,7 @@ class Runner:
         return self.clock() - start
 
     def flops(self):
-        from analyze_model import flop_count  # the deform_conv2d handle lives there
+        from harnet.analysis import flop_count  # with the deform_conv2d handle
 
         self.model.eval()
         total, _, unsupported = flop_count(self.model, self.infer_inputs)
@@ -221,12 +227,14 @@ def memory_worker(spec):
     from harnet.solver import build_optimizer  # noqa: F401
 
     if _reset_peak_rss():
+
         def peak():
             return _proc_status_mib("VmHWM")
 
         before = _proc_status_mib("VmRSS")
         reset = _reset_peak_rss
     else:
+
         def peak():
             return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -254,7 +262,7 @@ def measure_memory(label, path, opts, args):
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     for line in res.stdout.splitlines():
         if line.startswith("BENCHMARK_MEMORY "):
-            return json.loads(line[len("BENCHMARK_MEMORY "):])
+            return json.loads(line[len("BENCHMARK_MEMORY ") :])
     raise RuntimeError(f"memory worker for {label!r} failed:\n{res.stderr[-3000:]}")
 
 
@@ -269,8 +277,17 @@ def _fmt(value, base, digits, scale=1.0):
 
 def render_table(results, baseline):
     b = results[baseline]
-    head = ["config", "params (M)", "GFLOPs", "network ms", "end-to-end ms", "train s/iter",
-            "peak MiB infer", "peak MiB train", "lat/FLOP"]
+    head = [
+        "config",
+        "params (M)",
+        "GFLOPs",
+        "network ms",
+        "end-to-end ms",
+        "train s/iter",
+        "peak MiB infer",
+        "peak MiB train",
+        "lat/FLOP",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, r in results.items():
         lat_flop = ""
@@ -303,9 +320,13 @@ LEGEND = (
 
 def _check_args(p, args):
     """Every numeric argument checked before any work (argparse's ``p.error``: usage, exit 2)."""
-    at_least = {"--iters": (args.iters, 1), "--warmup": (args.warmup, 0),
-                "--train-batch": (args.train_batch, 1), "--threads": (args.threads, 0),
-                "--profile": (args.profile, 0)}
+    at_least = {
+        "--iters": (args.iters, 1),
+        "--warmup": (args.warmup, 0),
+        "--train-batch": (args.train_batch, 1),
+        "--threads": (args.threads, 0),
+        "--profile": (args.profile, 0),
+    }
     if args.train_iters is not None and not args.skip_train:
         at_least["--train-iters"] = (args.train_iters, 1)
     for name, (value, low) in at_least.items():
@@ -316,29 +337,51 @@ def _check_args(p, args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n", 1)[1])
-    p.add_argument("--configs", nargs="+", default=None, metavar="[LABEL=]PATH[@KEY=VALUE]",
-                   help="configs to compare (paths relative to configs/HARNet allowed); "
-                   "default: baseline, each single module, full HAR-Net")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n", 1)[1],
+    )
+    p.add_argument(
+        "--configs",
+        nargs="+",
+        default=None,
+        metavar="[LABEL=]PATH[@KEY=VALUE]",
+        help="configs to compare (paths relative to configs/HARNet allowed); "
+        "default: baseline, each single module, full HAR-Net",
+    )
     p.add_argument("--baseline", default=None, help="label of the baseline (default: first)")
-    p.add_argument("--size", nargs=2, type=int, default=(800, 1333), metavar=("H", "W"),
-                   help="input image size (default 800 1333, Detectron2's test size)")
+    p.add_argument(
+        "--size",
+        nargs=2,
+        type=int,
+        default=(800, 1333),
+        metavar=("H", "W"),
+        help="input image size (default 800 1333, Detectron2's test size)",
+    )
     p.add_argument("--iters", type=int, default=5, help="timed runs per config")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per config first")
     p.add_argument("--train-iters", type=int, default=None, help="default: --iters")
     p.add_argument("--train-batch", type=int, default=2, help="images per training iteration")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                   help="wall time, or this process's CPU time (steadier on a busy machine "
-                   "with --threads 1; not for GPU)")
+    p.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall time, or this process's CPU time (steadier on a busy machine "
+        "with --threads 1; not for GPU)",
+    )
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--skip-flops", action="store_true")
-    p.add_argument("--profile", type=int, default=0, metavar="N",
-                   help="print the N costliest ops of one inference per config")
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="print the N costliest ops of one inference per config",
+    )
     p.add_argument("--out", default=None, help="also write the markdown report here")
     p.add_argument("--json", default=None, help="also write the raw numbers here")
     p.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
@@ -355,8 +398,11 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    entries = ([parse_config_entry(e) for e in args.configs] if args.configs
-               else [(label, f, o) for label, f, o in DEFAULT_CONFIGS])
+    entries = (
+        [parse_config_entry(e) for e in args.configs]
+        if args.configs
+        else [(label, f, o) for label, f, o in DEFAULT_CONFIGS]
+    )
     entries = [(label, path, o + list(args.opts)) for label, path, o in entries]
     labels = [e[0] for e in entries]
     if len(set(labels)) != len(labels):
@@ -403,11 +449,17 @@ def main(argv=None):
             results[label]["mem_infer"] = mem["infer"]
             results[label]["mem_train"] = mem.get("train")
 
-    dev = (torch.cuda.get_device_name() if args.device.startswith("cuda")
-           else f"CPU, {torch.get_num_threads()} threads, {args.clock} clock")
-    train = ("training not measured" if args.skip_train else
-             f"training batch {args.train_batch} (SGD step included), median of "
-             f"{args.train_iters} runs")
+    dev = (
+        torch.cuda.get_device_name()
+        if args.device.startswith("cuda")
+        else f"CPU, {torch.get_num_threads()} threads, {args.clock} clock"
+    )
+    train = (
+        "training not measured"
+        if args.skip_train
+        else f"training batch {args.train_batch} (SGD step included), median of "
+        f"{args.train_iters} runs"
+    )
     report = [
         f"Input {args.size[0]}x{args.size[1]}, {dev}, torch {torch.__version__}; inference "
         f"batch 1, median of {args.iters} runs; {train}; after {args.warmup} warm-up, "
@@ -417,10 +469,12 @@ def main(argv=None):
         "",
         LEGEND,
         "",
-        "Command: python tools/benchmark.py " + " ".join(shlex.quote(a) for a in (
-            argv if argv is not None else sys.argv[1:])),
+        "Command: python tools/benchmark.py "
+        + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
     ]
-    not_counted = {k: v["flops_not_counted"] for k, v in results.items() if "flops_not_counted" in v}
+    not_counted = {
+        k: v["flops_not_counted"] for k, v in results.items() if "flops_not_counted" in v
+    }
     if not_counted:
         report.append(f"Ops without a FLOP count (ignored): {not_counted}")
     text = "\n".join(report)
@@ -432,8 +486,16 @@ def main(argv=None):
             f.write(text + "\n")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": {k: v for k, v in vars(args).items() if k != "memory_worker"},
-                       "baseline": baseline, "results": results}, f, indent=1, default=str)
+            json.dump(
+                {
+                    "args": {k: v for k, v in vars(args).items() if k != "memory_worker"},
+                    "baseline": baseline,
+                    "results": results,
+                },
+                f,
+                indent=1,
+                default=str,
+            )
     return results
 
 

@@ -3,6 +3,8 @@
 Kept in the package so that ``train_net.py`` stays a thin entry point and so that tests
 and other scripts can call :func:`main` directly.
 """
+
+from typing import List, Tuple
 import ast
 import difflib
 import json
@@ -26,8 +28,17 @@ from .lock import OutputDirInUseError, OutputDirLock
 from .trainer import HARNetTrainer
 from .two_step import train_two_step
 
-__all__ = ["argument_parser", "build_config", "setup", "main", "register_datasets_from_args",
-           "is_lazy_config", "apply_checked_overrides", "lock_output_dir", "setup_harnet_logger"]
+__all__ = [
+    "argument_parser",
+    "build_config",
+    "setup",
+    "main",
+    "register_datasets_from_args",
+    "is_lazy_config",
+    "apply_checked_overrides",
+    "lock_output_dir",
+    "setup_harnet_logger",
+]
 
 logger = logging.getLogger("harnet.engine")
 
@@ -43,18 +54,26 @@ def argument_parser(epilog=None):
     """
     parser = default_argument_parser(epilog)
     parser.add_argument(
-        "--two-step", action="store_true",
+        "--two-step",
+        action="store_true",
         help="two-step schedule: step 1 without spatial/channel attention, step 2 with them "
         "(cfg.SOLVER.TWO_STEP; outputs in OUTPUT_DIR/step1 and OUTPUT_DIR/step2)",
     )
     parser.add_argument(
-        "--cpu-procs", "--num-cpu-workers", dest="cpu_procs", type=int, default=0,
+        "--cpu-procs",
+        "--num-cpu-workers",
+        dest="cpu_procs",
+        type=int,
+        default=0,
         metavar="N",
         help="train with N CPU processes per machine (gloo backend); with --num-machines "
         "and --dist-url also across machines",
     )
     parser.add_argument(
-        "--register-coco", nargs=3, action="append", default=[],
+        "--register-coco",
+        nargs=3,
+        action="append",
+        default=[],
         metavar=("NAME", "JSON", "IMAGE_ROOT"),
         help="register a COCO-format dataset (instances JSON + image folder) under NAME; "
         "repeatable",
@@ -92,8 +111,11 @@ def register_datasets_from_args(args):
         if _REGISTERED_FROM_ARGS.get(name) == files:
             continue  # the same registration again in this process (main() called twice)
         if name in DatasetCatalog.list():
-            what = ("registered by an earlier --register-coco with other files"
-                    if name in _REGISTERED_FROM_ARGS else "a built-in dataset name")
+            what = (
+                "registered by an earlier --register-coco with other files"
+                if name in _REGISTERED_FROM_ARGS
+                else "a built-in dataset name"
+            )
             raise ValueError(
                 f"--register-coco {name} {json_file} {image_root}: a dataset named {name!r} "
                 f"is already registered ({what}); choose another NAME and use it in "
@@ -138,7 +160,9 @@ def build_config(args, purpose="train"):
     register_datasets_from_args(args)
     if is_lazy_config(args.config_file):
         if getattr(args, "two_step", False):
-            raise ValueError("--two-step needs a yacs (.yaml) config: it toggles cfg.MODEL.HARNET.*")
+            raise ValueError(
+                "--two-step needs a yacs (.yaml) config: it toggles cfg.MODEL.HARNET.*"
+            )
         cfg = LazyConfig.load(args.config_file)
         cfg = apply_checked_overrides(cfg, args.opts or [])
         if "train" in cfg:
@@ -268,8 +292,9 @@ def setup_harnet_logger(cfg):
     """Route the ``harnet.*`` loggers like Detectron2's: console on the main process,
     ``OUTPUT_DIR/log.txt`` (``log.txt.rank<N>`` on other ranks), timestamps, on every rank
     (``default_setup`` only sets up the ``detectron2`` and ``fvcore`` loggers)."""
-    setup_logger(output_dir_of(cfg), distributed_rank=comm.get_rank(), name="harnet",
-                 abbrev_name="harnet")
+    setup_logger(
+        output_dir_of(cfg), distributed_rank=comm.get_rank(), name="harnet", abbrev_name="harnet"
+    )
 
 
 def lock_output_dir(cfg):
@@ -365,3 +390,17 @@ def _train(cfg, args, trainer_cls):
     trainer.resume_or_load(resume=args.resume)
     add_tta_hook(None, trainer)
     return trainer.train()
+
+
+def parse_variant(entry: str) -> Tuple[str, List[str]]:
+    """``LABEL[@KEY=VALUE]...`` -> (label, [KEY, VALUE, ...]) (yacs override list)."""
+    label, *overrides = entry.split("@")
+    if not label.strip():
+        raise ValueError(f"variant {entry!r}: empty label (use LABEL[@KEY=VALUE]...)")
+    opts = []
+    for o in overrides:
+        key, sep, value = o.partition("=")
+        if not sep or not key:
+            raise ValueError(f"variant {entry!r}: override {o!r} is not KEY=VALUE")
+        opts += [key, value]
+    return label.strip(), opts

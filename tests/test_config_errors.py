@@ -16,7 +16,7 @@ from detectron2.modeling import build_model
 from harnet.config_checks import check_harnet_config
 from harnet.engine import argument_parser, two_step_configs
 from harnet.engine.defaults import build_config
-from robust_utils import CONFIG_DIR, tiny_cfg
+from harnet_model_utils import CONFIG_DIR, set_keys, tiny_cfg
 
 # A tiny model that the train_net path can build quickly; datasets that exist here.
 _TINY = """
@@ -98,18 +98,6 @@ def test_wrong_type_on_command_line_names_key(tmp_path):
 # ---------------------------------------------------------------- impossible combinations
 
 
-def _set(cfg, **changes):
-    cfg = cfg.clone()
-    cfg.defrost()
-    for key, value in changes.items():
-        node = cfg
-        *path, leaf = key.split(".")
-        for p in path:
-            node = node[p]
-        node[leaf] = value
-    return cfg
-
-
 @pytest.mark.parametrize(
     "changes, key",
     [
@@ -125,6 +113,15 @@ def _set(cfg, **changes):
         ({"MODEL.HARNET.ALIGN.MID_CHANNELS": [32, 32, 32]}, "MODEL.HARNET.ALIGN.MID_CHANNELS"),
         ({"MODEL.HARNET.POSTPROCESS.NMS_TYPE": "soft"}, "MODEL.HARNET.POSTPROCESS.NMS_TYPE"),
         # Module arguments, checked by the module, named by the builder (config_keys).
+        ({"MODEL.HARNET.SPATIAL.DILATIONS": [[1, 0, 5]]}, "MODEL.HARNET.SPATIAL.DILATIONS"),
+        ({"MODEL.HARNET.SPATIAL.MODE": "add"}, "MODEL.HARNET.SPATIAL.MODE"),
+        ({"MODEL.HARNET.SPATIAL.NORM_GROUPS": 3}, "MODEL.HARNET.SPATIAL.NORM_GROUPS"),
+        ({"MODEL.HARNET.CLGN.NUM_GROUPS": 7}, "MODEL.HARNET.CLGN.NUM_GROUPS"),
+        ({"MODEL.HARNET.ALIGN.IN_FEATURES": []}, "MODEL.HARNET.ALIGN.IN_FEATURES"),
+        ({"MODEL.HARNET.ALIGN.DEFORM_GROUPS": 5}, "MODEL.HARNET.ALIGN.DEFORM_GROUPS"),
+        ({"MODEL.HARNET.ALIGN.NORM_GROUPS": 48}, "MODEL.HARNET.ALIGN.NORM_GROUPS"),
+        ({"MODEL.HARNET.CHANNEL.LOSS_WEIGHTS": [0.5]}, "MODEL.HARNET.CHANNEL.LOSS_WEIGHTS"),
+        ({"MODEL.HARNET.CHANNEL.LOSS_WEIGHTS": [0.5, -1.0]}, "MODEL.HARNET.CHANNEL.LOSS_WEIGHTS"),
         ({"MODEL.HARNET.SPATIAL.DILATIONS": [[]]}, "MODEL.HARNET.SPATIAL.DILATIONS"),
         ({"MODEL.HARNET.CHANNEL.HIDDEN": 0}, "MODEL.HARNET.CHANNEL.HIDDEN"),
         ({"MODEL.HARNET.SPATIAL.NORM_GROUPS": -1}, "MODEL.HARNET.SPATIAL.NORM_GROUPS"),
@@ -133,7 +130,7 @@ def _set(cfg, **changes):
     ],
 )
 def test_impossible_combination_fails_at_build_naming_key(tmp_path, changes, key):
-    cfg = _set(tiny_cfg("HARRetinaNet"), **changes)
+    cfg = set_keys(tiny_cfg("HARRetinaNet"), **changes)
     with pytest.raises(ValueError, match=_key_re(key)):
         build_model(cfg)
 
@@ -143,14 +140,14 @@ def test_tta_area_thresholds_checked_at_build():
 
     cfg = tiny_cfg("HARRetinaNet")
     model = build_model(cfg)
-    cfg = _set(cfg, **{"TEST.AUG.SIZE_SELECT.ENABLED": True,
+    cfg = set_keys(cfg, **{"TEST.AUG.SIZE_SELECT.ENABLED": True,
                        "TEST.AUG.SIZE_SELECT.SMALL_AREA": 200.0 ** 2})
     with pytest.raises(ValueError, match=_key_re("TEST.AUG.SIZE_SELECT.SMALL_AREA")):
         HARRetinaNetWithTTA(cfg, model)
 
 
 def test_two_step_unknown_switch_names_key():
-    cfg = _set(tiny_cfg("HARRetinaNet"), **{"SOLVER.TWO_STEP.STEP1_DISABLE": ("SPATIALL",)})
+    cfg = set_keys(tiny_cfg("HARRetinaNet"), **{"SOLVER.TWO_STEP.STEP1_DISABLE": ("SPATIALL",)})
     with pytest.raises(KeyError, match=_key_re("SOLVER.TWO_STEP.STEP1_DISABLE") + ".*SPATIALL"):
         two_step_configs(cfg)
 
@@ -181,7 +178,7 @@ def test_builtin_dataset_settings_checked_when_config_is_built(tmp_path):
     ],
 )
 def test_check_harnet_config_names_key(changes, key):
-    cfg = _set(tiny_cfg("HARRetinaNet"), **changes)
+    cfg = set_keys(tiny_cfg("HARRetinaNet"), **changes)
     with pytest.raises(ValueError, match=_key_re(key)):
         check_harnet_config(cfg)
 

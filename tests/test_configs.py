@@ -14,7 +14,7 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 from harnet.modeling import AlignedResNet, HARRetinaNet
-from harnet_model_utils import CONFIG_DIR, har_cfg, make_inputs, perturb_, single_thread
+from harnet_model_utils import CONFIG_DIR, har_cfg, make_inputs, perturb_, set_keys, single_thread
 
 _single_thread = pytest.fixture(scope="module", autouse=True)(single_thread)
 
@@ -189,41 +189,10 @@ def test_lazy_twin_optimizer_applies_offset_lr_factor(yaml_and_lazy):
     assert lr_of[id(from_lazy.head.cls_score.weight)] == lazy_cfg.optimizer.lr
 
 
-# ------------------------------------------------------------- bad values name the key
+# ------------------------------------------------------------- config handling
+# (bad values naming the key: tests/test_config_errors.py)
 def _tiny(**changes):
-    cfg = har_cfg()
-    for key, value in changes.items():
-        node = cfg
-        *path, leaf = key.split(".")
-        for p in path:
-            node = node[p]
-        node[leaf] = value
-    return cfg
-
-
-@pytest.mark.parametrize(
-    "changes, key",
-    [
-        ({"MODEL.HARNET.SPATIAL.DILATIONS": [[1, 2, 5, 2]] * 3}, "MODEL.HARNET.SPATIAL.DILATIONS"),
-        ({"MODEL.HARNET.SPATIAL.DILATIONS": [[1, 0, 5]]}, "MODEL.HARNET.SPATIAL.DILATIONS"),
-        ({"MODEL.HARNET.SPATIAL.MODE": "add"}, "MODEL.HARNET.SPATIAL.MODE"),
-        ({"MODEL.HARNET.SPATIAL.SHARED": True}, "MODEL.HARNET.SPATIAL.SHARED"),
-        ({"MODEL.HARNET.SPATIAL.NORM_GROUPS": 3}, "MODEL.HARNET.SPATIAL.NORM_GROUPS"),
-        ({"MODEL.HARNET.CLGN.NUM_GROUPS": 7}, "MODEL.HARNET.CLGN.NUM_GROUPS"),
-        ({"MODEL.RETINANET.NORM": "GN"}, "MODEL.RETINANET.NORM"),
-        ({"MODEL.HARNET.ALIGN.IN_FEATURES": ["res2"]}, "MODEL.HARNET.ALIGN.IN_FEATURES"),
-        ({"MODEL.HARNET.ALIGN.IN_FEATURES": []}, "MODEL.HARNET.ALIGN.IN_FEATURES"),
-        ({"MODEL.HARNET.ALIGN.MID_CHANNELS": [32, 32, 32]}, "MODEL.HARNET.ALIGN.MID_CHANNELS"),
-        ({"MODEL.HARNET.ALIGN.DEFORM_GROUPS": 5}, "MODEL.HARNET.ALIGN.DEFORM_GROUPS"),
-        ({"MODEL.HARNET.ALIGN.NORM_GROUPS": 48}, "MODEL.HARNET.ALIGN.NORM_GROUPS"),
-        ({"MODEL.HARNET.CHANNEL.LOSS_WEIGHTS": [0.5]}, "MODEL.HARNET.CHANNEL.LOSS_WEIGHTS"),
-        ({"MODEL.HARNET.CHANNEL.LOSS_WEIGHTS": [0.5, -1.0]}, "MODEL.HARNET.CHANNEL.LOSS_WEIGHTS"),
-        ({"MODEL.HARNET.CHANNEL.HIDDEN": 0}, "MODEL.HARNET.CHANNEL.HIDDEN"),
-    ],
-)
-def test_bad_values_raise_errors_naming_the_key(changes, key):
-    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
-        build_model(_tiny(**changes))
+    return set_keys(har_cfg(), **changes)
 
 
 def test_unknown_key_is_rejected_when_merging():

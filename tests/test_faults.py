@@ -26,7 +26,7 @@ from harnet.engine.faults import (
     GuardedSimpleTrainer,
     check_finite_losses,
 )
-from robust_utils import tiny_cfg, write_coco_dataset
+from harnet_model_utils import tiny_cfg, write_coco_dataset
 
 # Children are forked (no re-import: fast). A forked child must not enter an OpenMP
 # parallel region the parent used (libgomp hangs), hence set_num_threads(1) first thing.

@@ -7,12 +7,10 @@ from torchvision.ops import batched_nms
 from detectron2.config import get_cfg
 
 import harnet
-from harnet.layers import (
-    batched_box_voting,
-    batched_soft_nms,
-    postprocess_params_from_cfg,
-    suppress_detections,
-)
+from harnet.layers import postprocess_params_from_cfg, suppress_detections
+from harnet_model_utils import set_keys
+from test_box_voting import slow_box_voting
+from test_soft_nms import slow_soft_nms
 
 
 def _candidates(n=300, num_classes=5, seed=0):
@@ -43,53 +41,49 @@ def test_hard_without_voting_is_detectron2_retinanet(max_detections):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("nms_type", ["linear", "gaussian"])
-def test_soft_nms_then_top_k(nms_type):
-    boxes, scores, classes = _candidates()
-    got = suppress_detections(
-        boxes,
-        scores,
-        classes,
-        nms_type=nms_type,
-        iou_threshold=0.4,
-        soft_nms_sigma=0.3,
-        soft_nms_min_score=0.01,
-        max_detections=50,
-    )
-    keep, s = batched_soft_nms(boxes, scores, classes, nms_type, 0.3, 0.4, 0.01)
-    assert len(keep) > 50
-    for a, b in zip(got, (boxes[keep[:50]], s[:50], classes[keep[:50]])):
-        assert torch.equal(a, b)
-
-
-@pytest.mark.parametrize("scoring", ["max", "keep", "avg", "caffe"])
-@pytest.mark.parametrize("nms_type", ["hard", "gaussian"])
-def test_voting_after_suppression_then_sorted_top_k(nms_type, scoring):
-    boxes, scores, classes = _candidates(seed=1)
-    got_b, got_s, got_c = suppress_detections(
-        boxes,
-        scores,
-        classes,
-        nms_type=nms_type,
-        voting=True,
-        voting_iou=0.6,
-        voting_scoring=scoring,
-        max_detections=40,
-        min_score=0.1,
-    )
-    if nms_type == "hard":
-        keep = batched_nms(boxes, scores, classes, 0.5)
-        s = scores[keep]
+def _slow_suppress(boxes, scores, classes, nms_type, iou, sigma, min_score, voting, voting_iou,
+                   scoring, max_detections, final_min_score):
+    """The pipeline from the definitions, in Python floats: the slow soft-NMS loop (hard
+    NMS: its w = 0 case), the slow voting loop, a stable sort by score, the top K, the
+    score floor."""
+    keep, kept_scores = slow_soft_nms(boxes, scores, classes, nms_type, sigma, iou, min_score)
+    keep_t = torch.tensor(keep, dtype=torch.long)
+    kept_boxes = boxes[keep_t].tolist()
+    if voting:
+        kept_boxes, kept_scores = slow_box_voting(
+            boxes[keep_t], torch.tensor(kept_scores, dtype=boxes.dtype), classes[keep_t],
+            boxes, scores, classes, voting_iou, scoring,
+        )  # fmt: skip
+        order = sorted(range(len(keep)), key=lambda k: -kept_scores[k])  # stable
     else:
-        keep, s = batched_soft_nms(boxes, scores, classes, "gaussian", 0.5)
-    vb, vs = batched_box_voting(boxes[keep], s, classes[keep], boxes, scores, classes, 0.6, scoring)
-    order = torch.sort(vs, descending=True, stable=True)[1][:40]
-    order = order[vs[order] >= 0.1]
-    assert not torch.equal(vb, boxes[keep])  # voting moved some boxes
-    torch.testing.assert_close(got_b, vb[order])
-    torch.testing.assert_close(got_s, vs[order])
-    assert torch.equal(got_c, classes[keep][order])
-    assert bool((got_s[:-1] >= got_s[1:]).all())
+        order = list(range(len(keep)))
+    order = [k for k in order[:max_detections] if kept_scores[k] >= final_min_score]
+    return (
+        [kept_boxes[k] for k in order],
+        [kept_scores[k] for k in order],
+        [int(classes[keep[k]]) for k in order],
+    )
+
+
+@pytest.mark.parametrize("voting", [False, True])
+@pytest.mark.parametrize("nms_type", ["hard", "linear", "gaussian"])
+def test_suppression_matches_the_slow_definition(nms_type, voting):
+    boxes, scores, classes = _candidates(seed=1)
+    boxes, scores = boxes.double(), scores.double()
+    for scoring in ("max", "keep", "avg", "caffe") if voting else ("max",):
+        kw = dict(nms_type=nms_type, iou=0.4, sigma=0.3, min_score=0.01, voting=voting,
+                  voting_iou=0.6, scoring=scoring, max_detections=40, final_min_score=0.1)  # fmt: skip
+        got_b, got_s, got_c = suppress_detections(
+            boxes, scores, classes, nms_type=nms_type, iou_threshold=kw["iou"],
+            soft_nms_sigma=kw["sigma"], soft_nms_min_score=kw["min_score"], voting=voting,
+            voting_iou=0.6, voting_scoring=scoring, max_detections=40, min_score=0.1,
+        )  # fmt: skip
+        ref_b, ref_s, ref_c = _slow_suppress(boxes, scores, classes, **kw)
+        assert len(got_s) == len(ref_s) > 10
+        torch.testing.assert_close(got_b, torch.tensor(ref_b, dtype=got_b.dtype))
+        torch.testing.assert_close(got_s, torch.tensor(ref_s, dtype=got_s.dtype))
+        assert got_c.tolist() == ref_c
+        assert bool((got_s[:-1] >= got_s[1:]).all())
 
 
 def test_bad_arguments_raise():
@@ -162,11 +156,6 @@ def test_params_from_cfg_defaults_and_authors_config():
     ],
 )
 def test_invalid_config_values_name_the_key(key, value, match):
-    cfg = _cfg()
-    node = cfg
-    *path, last = key.split(".")
-    for p in path:
-        node = node[p]
-    node[last] = value
+    cfg = set_keys(_cfg(), **{key: value})
     with pytest.raises(ValueError, match=match):
         postprocess_params_from_cfg(cfg)

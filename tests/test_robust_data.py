@@ -16,7 +16,7 @@ from detectron2.utils.events import EventStorage
 
 from harnet.data.loaders import build_harnet_train_loader, filter_images_without_valid_boxes
 from harnet.data.mapper import HARNetDatasetMapper, ImageReadError, read_image, sanitize_annotations
-from robust_utils import has_harretinanet, tiny_cfg, write_image
+from harnet_model_utils import tiny_cfg, write_image
 
 XYWH = BoxMode.XYWH_ABS
 
@@ -268,8 +268,6 @@ def _model_cases(tmp_path):
 
 @pytest.mark.parametrize("meta_arch", ["RetinaNet", "HARRetinaNet"])
 def test_model_trains_and_infers_on_odd_images(tmp_path, meta_arch):
-    if meta_arch == "HARRetinaNet" and not has_harretinanet():
-        pytest.skip("HARRetinaNet not registered yet")
     cfg = tiny_cfg(meta_arch)
     cases = _model_cases(tmp_path)
     train_mapper = HARNetDatasetMapper(cfg, is_train=True)

@@ -190,25 +190,57 @@ def write_image(path, width, height, mode="RGB", seed=0):
     return path
 
 
+def write_coco(folder, images, categories, json_name="annotations.json", image_dir="images"):
+    """Write a COCO-format dataset: each image file and one JSON (the one COCO writer).
+
+    Args:
+        folder: where ``json_name`` and ``image_dir/`` go.
+        images: list of ``(file_name, HxWx3 uint8 array or None, [(xywh, category_id), ...])``;
+            ``None`` writes no file (an image entry whose file is missing), size (64, 48).
+        categories: list of ``(id, name)``.
+
+    Returns:
+        (json path, image folder), as strings.
+    """
+    folder = str(folder)
+    root = os.path.join(folder, image_dir)
+    os.makedirs(root, exist_ok=True)
+    entries, annotations = [], []
+    for i, (name, pixels, boxes) in enumerate(images):
+        h, w = pixels.shape[:2] if pixels is not None else (48, 64)
+        if pixels is not None:
+            Image.fromarray(np.ascontiguousarray(pixels)).save(os.path.join(root, name))
+        entries.append({"id": i + 1, "file_name": name, "width": int(w), "height": int(h)})
+        for (x, y, bw, bh), cat in boxes:
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": i + 1, "category_id": int(cat),
+                "bbox": [float(x), float(y), float(bw), float(bh)], "area": float(bw * bh),
+                "iscrowd": 0,
+            })  # fmt: skip
+    path = os.path.join(folder, json_name)
+    with open(path, "w") as f:
+        json.dump(
+            {
+                "images": entries,
+                "annotations": annotations,
+                "categories": [{"id": c, "name": n} for c, n in categories],
+            },
+            f,
+        )
+    return path, root
+
+
 def write_coco_dataset(root, n_images=4, size=(64, 48), num_classes=3, seed=0):
-    """A tiny COCO-format dataset (JSON + PNGs) with one or two boxes per image."""
-    os.makedirs(os.path.join(root, "images"), exist_ok=True)
+    """A tiny COCO-format dataset (JSON + PNGs of noise) with one or two boxes per image."""
     rng = np.random.default_rng(seed)
     w, h = size
-    images, annos = [], []
+    images = []
     for i in range(n_images):
-        name = f"{i:03d}.png"
-        write_image(os.path.join(root, "images", name), w, h, seed=seed + i)
-        images.append({"id": i + 1, "file_name": name, "width": w, "height": h})
-        for j in range(1 + i % 2):
+        pixels = np.random.default_rng(seed + i).integers(0, 256, (h, w, 3), dtype=np.uint8)
+        boxes = []
+        for _ in range(1 + i % 2):
             bw, bh = rng.uniform(8, w / 2), rng.uniform(8, h / 2)
             x, y = rng.uniform(0, w - bw), rng.uniform(0, h - bh)
-            annos.append({
-                "id": len(annos) + 1, "image_id": i + 1, "category_id": int(rng.integers(1, num_classes + 1)),
-                "bbox": [float(x), float(y), float(bw), float(bh)], "area": float(bw * bh), "iscrowd": 0,
-            })
-    cats = [{"id": c + 1, "name": f"c{c}"} for c in range(num_classes)]
-    path = os.path.join(root, "annotations.json")
-    with open(path, "w") as f:
-        json.dump({"images": images, "annotations": annos, "categories": cats}, f)
-    return path, os.path.join(root, "images")
+            boxes.append(((x, y, bw, bh), int(rng.integers(1, num_classes + 1))))
+        images.append((f"{i:03d}.png", pixels, boxes))
+    return write_coco(root, images, [(c + 1, f"c{c}") for c in range(num_classes)])

@@ -16,7 +16,7 @@ from detectron2.modeling import build_model
 from harnet.config_checks import check_harnet_config
 from harnet.engine import argument_parser, two_step_configs
 from harnet.engine.defaults import build_config
-from harnet_model_utils import CONFIG_DIR, set_keys, tiny_cfg
+from harnet_model_utils import CONFIG_DIR, set_keys, tiny_cfg, write_coco
 
 # A tiny model that the train_net path can build quickly; datasets that exist here.
 _TINY = """
@@ -274,13 +274,8 @@ def test_lazy_config_valid_overrides_apply():
 
 
 def _coco_json(tmp_path):
-    import json
-
-    (tmp_path / "imgs").mkdir(exist_ok=True)
-    path = tmp_path / "my.json"
-    path.write_text(json.dumps({"images": [], "annotations": [],
-                                "categories": [{"id": 1, "name": "a"}]}))
-    return str(path), str(tmp_path / "imgs")
+    """An empty COCO-format dataset (one category) to register."""
+    return write_coco(tmp_path, [], [(1, "a")], json_name="my.json", image_dir="imgs")
 
 
 @pytest.mark.parametrize("name", ["harnet_shapes_val", "coco_2017_val"])

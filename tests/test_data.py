@@ -23,6 +23,7 @@ from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import COCOEvaluator
 from detectron2.structures import Boxes, BoxMode, Instances
+from harnet_model_utils import write_coco
 from harnet.data import (
     SHAPES_CLASSES,
     SHAPES_TRAIN,
@@ -336,32 +337,18 @@ def test_corrupt_cache_detected_and_regenerated(tmp_path, caplog):
 
 def _write_tiny_coco(folder):
     """3 images, non-contiguous category ids, written by the test itself."""
-    image_dir = folder / "imgs"
-    image_dir.mkdir()
     rng = np.random.default_rng(0)
-    images, annotations = [], []
-    for i in range(3):
-        cv2.imwrite(
-            str(image_dir / f"im{i}.png"), rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)
+    images = [
+        (
+            f"im{i}.png",
+            rng.integers(0, 255, (40, 60, 3), dtype=np.uint8),
+            [((5.0 * k, 4.0, 12.0, 9.0), (3, 7)[k % 2]) for k in range(i + 1)],
         )
-        images.append({"id": 10 + i, "file_name": f"im{i}.png", "height": 40, "width": 60})
-        for k in range(i + 1):
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": 10 + i,
-                    "category_id": (3, 7)[k % 2],
-                    "bbox": [5.0 * k, 4.0, 12.0, 9.0],
-                    "area": 108.0,
-                    "iscrowd": 0,
-                }
-            )
-    categories = [{"id": 3, "name": "cat"}, {"id": 7, "name": "dog"}]
-    json_file = folder / "instances.json"
-    json_file.write_text(
-        json.dumps({"images": images, "annotations": annotations, "categories": categories})
+        for i in range(3)
+    ]
+    return write_coco(
+        folder, images, [(3, "cat"), (7, "dog")], json_name="instances.json", image_dir="imgs"
     )
-    return str(json_file), str(image_dir)
 
 
 def test_register_coco_format_roundtrip_and_errors(tmp_path):

@@ -16,6 +16,7 @@ from detectron2.config import get_cfg
 
 from harnet.engine import HARNetTrainer, argument_parser, main
 from harnet.engine.defaults import build_config
+from harnet_model_utils import write_coco
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_YAML = os.path.join(ROOT, "configs", "HARNet", "demo", "har_R18_shapes_demo.yaml")
@@ -274,29 +275,21 @@ def test_visualize(tmp_path, data_root):
 
 
 def write_coco_dataset(folder, num_images, seed):
-    """A tiny COCO-format dataset written here: filled rectangles of 2 classes on noise."""
-    import cv2
-
+    """A tiny learnable COCO-format dataset: filled rectangles of 2 classes (ids 3 and 7:
+    not contiguous) on dark noise, 80x64 px."""
     rng = np.random.RandomState(seed)
-    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
-    images, annotations = [], []
+    images = []
     for i in range(num_images):
         img = rng.randint(0, 80, (64, 80, 3)).astype(np.uint8)
+        boxes = []
         for _ in range(2):
             w, h = rng.randint(10, 30, 2)
             x, y = rng.randint(0, 80 - w), rng.randint(0, 64 - h)
             cat = int(rng.randint(2))
-            img[y:y + h, x:x + w] = (255, 255, 255) if cat == 0 else (0, 200, 255)
-            annotations.append(dict(id=len(annotations) + 1, image_id=i + 1, category_id=[3, 7][cat],
-                                    bbox=[int(x), int(y), int(w), int(h)], area=int(w * h), iscrowd=0))
-        name = f"img{i}.png"
-        cv2.imwrite(os.path.join(folder, "images", name), img)
-        images.append(dict(id=i + 1, file_name=name, height=64, width=80))
-    categories = [dict(id=3, name="white"), dict(id=7, name="orange")]
-    path = os.path.join(folder, "instances.json")
-    with open(path, "w") as f:
-        json.dump(dict(images=images, annotations=annotations, categories=categories), f)
-    return path, os.path.join(folder, "images")
+            img[y:y + h, x:x + w] = (255, 255, 255) if cat == 0 else (255, 200, 0)  # RGB
+            boxes.append(((int(x), int(y), int(w), int(h)), [3, 7][cat]))
+        images.append((f"img{i}.png", img, boxes))
+    return write_coco(folder, images, [(3, "white"), (7, "orange")], json_name="instances.json")
 
 
 def test_register_coco_format_from_command_line(tmp_path, data_root):

@@ -34,6 +34,7 @@ What this mapper adds:
 - an image that the resize makes empty (extreme aspect ratio) raises an error naming the
   file and both sizes.
 """
+
 import copy
 import errno
 import logging
@@ -97,7 +98,9 @@ def read_image(file_name, format=None):
             # convert_PIL_to_numpy decodes the pixels, so truncation errors surface here.
             return utils.convert_PIL_to_numpy(image, format)
     except FileNotFoundError as e:
-        raise FileNotFoundError(errno.ENOENT, f"Image file not found: {file_name!r}", file_name) from e
+        raise FileNotFoundError(
+            errno.ENOENT, f"Image file not found: {file_name!r}", file_name
+        ) from e
     except ImageReadError:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
@@ -237,6 +240,15 @@ class HARNetDatasetMapper(DatasetMapper):
             dict: the model's input dict: ``image`` (uint8 Tensor[C, H, W]), ``height``,
             ``width`` and, when training, ``instances`` (``gt_boxes``, ``gt_classes``).
         """
+        # DatasetMapper.__call__ reads the image with detection_utils.read_image and has no
+        # hook before augmentation, so its steps are composed here around the checked read
+        # and the sanitising; its box handling (_transform_annotations) is inherited.
+        # RetinaNet uses neither semantic segmentation nor precomputed proposals.
+        if self.proposal_topk is not None or "sem_seg_file_name" in dataset_dict:
+            raise ValueError(
+                f"{dataset_dict.get('file_name')}: HARNetDatasetMapper maps boxes only "
+                "(no proposals, no sem_seg_file_name); use Detectron2's DatasetMapper"
+            )
         dataset_dict = copy.deepcopy(dataset_dict)
         file_name = dataset_dict["file_name"]
         image = read_image(file_name, format=self.image_format)
@@ -244,36 +256,31 @@ class HARNetDatasetMapper(DatasetMapper):
         orig_hw = image.shape[:2]
         if self.is_train and "annotations" in dataset_dict:
             self._sanitize(dataset_dict, orig_hw)
-
-        sem_seg_gt = None
-        if "sem_seg_file_name" in dataset_dict:
-            sem_seg_gt = read_image(dataset_dict.pop("sem_seg_file_name"), "L").squeeze(2)
-        aug_input = T.AugInput(image, sem_seg=sem_seg_gt)
-        too_extreme = (
-            f"{file_name}: the image of size {orig_hw[1]}x{orig_hw[0]} (WxH) cannot be "
-            f"augmented by {self.augmentations}; its aspect ratio may be too extreme for "
-            "INPUT.MIN_SIZE_*/MAX_SIZE_*"
-        )
-        try:
-            transforms = self.augmentations(aug_input)
-        except (ValueError, ZeroDivisionError) as e:  # PIL: "height and width must be > 0"
-            raise ValueError(f"{too_extreme} ({type(e).__name__}: {e})") from e
-        image, sem_seg_gt = aug_input.image, aug_input.sem_seg
+        image, transforms = self._augment(image, file_name)
         image_shape = image.shape[:2]
-        if min(image_shape) < 1:
-            raise ValueError(f"{too_extreme} (result: {image_shape[1]}x{image_shape[0]})")
         dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
-        if sem_seg_gt is not None:
-            dataset_dict["sem_seg"] = torch.as_tensor(sem_seg_gt.astype("long"))
-        if self.proposal_topk is not None:
-            utils.transform_proposals(
-                dataset_dict, image_shape, transforms, proposal_topk=self.proposal_topk
-            )
-
         if not self.is_train:
             dataset_dict.pop("annotations", None)
-            dataset_dict.pop("sem_seg_file_name", None)
             return dataset_dict
         if "annotations" in dataset_dict:
             self._transform_annotations(dataset_dict, transforms, image_shape)
         return dataset_dict
+
+    def _augment(self, image, file_name):
+        """``self.augmentations`` applied to ``image``; an error naming the file when the
+        result would be empty (extreme aspect ratios)."""
+        h, w = image.shape[:2]
+        too_extreme = (
+            f"{file_name}: the image of size {w}x{h} (WxH) cannot be augmented by "
+            f"{self.augmentations}; its aspect ratio may be too extreme for "
+            "INPUT.MIN_SIZE_*/MAX_SIZE_*"
+        )
+        aug_input = T.AugInput(image)
+        try:
+            transforms = self.augmentations(aug_input)
+        except (ValueError, ZeroDivisionError) as e:  # PIL: "height and width must be > 0"
+            raise ValueError(f"{too_extreme} ({type(e).__name__}: {e})") from e
+        if min(aug_input.image.shape[:2]) < 1:
+            shape = aug_input.image.shape
+            raise ValueError(f"{too_extreme} (result: {shape[1]}x{shape[0]})")
+        return aug_input.image, transforms

@@ -163,12 +163,9 @@ class HARRetinaNet(RetinaNet):
             training: dict of losses; inference: list of {"instances": Instances}.
         """
         if not self.training:
-            if self.candidate_mode == "detectron2":
-                # RetinaNet's inference path; the head averages the predictors and
-                # inference_single_image below applies `suppress`.
-                return super().forward(batched_inputs)
-            # The authors' candidates need each image's resize scale (min size in
-            # original-image pixels), which RetinaNet's inference path does not pass on.
+            # One inference path for both candidate modes: the candidates, `suppress`, then
+            # Detectron2's detector_postprocess. (DenseDetector.forward_inference does not
+            # pass each image's original size on, which the authors' minimum size needs.)
             candidates = self.forward_candidates(batched_inputs, do_postprocess=False)
             results = []
             for inp, cand in zip(batched_inputs, candidates):

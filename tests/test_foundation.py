@@ -1,6 +1,7 @@
 """The installed environment: harnet registers itself, Detectron2 works, the _C fallback
 is honest about what it implements."""
 import importlib.util
+import os
 import subprocess
 import sys
 
@@ -162,7 +163,8 @@ def test_detectron2_retinanet_r50_trains_and_infers_on_cpu():
 
 def test_installer_module_does_not_import_detectron2():
     """The installer must run before Detectron2 exists (setup_env.sh runs it as a script)."""
-    path = importlib.util.find_spec("harnet.d2_compat.install").origin
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools",
+                        "install_detectron2.py")
     code = (
         "import sys, runpy; sys.modules['detectron2'] = None; "
         f"runpy.run_path({path!r}, run_name='not_main')"

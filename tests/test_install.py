@@ -1,7 +1,8 @@
-"""Detectron2 install modes (harnet/d2_compat/install.py) and what each installed version
+"""Detectron2 install modes (tools/install_detectron2.py) and what each installed version
 offers: a bad HARNET_D2_SOURCE is an error naming it; collect_env names the version; both
 versions import detectron2.export (upstream guards its caffe2 import, the fallback install
 patches 0.6 the same way)."""
+import importlib.util
 import io
 import os
 import subprocess
@@ -11,9 +12,12 @@ import tarfile
 import pytest
 
 from harnet.collect_env import _describe_distribution
-from harnet.d2_compat import install
 
-INSTALL = install.__file__
+INSTALL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools",
+                       "install_detectron2.py")
+_spec = importlib.util.spec_from_file_location("install_detectron2_under_test", INSTALL)
+install = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(install)
 
 
 def _run_install(env_source, *args):

@@ -23,7 +23,7 @@ fi
 # Everything that decides what gets installed; a change re-runs the install. The clone's
 # path counts: harnet is installed in editable mode, pointing at one clone.
 want=$( { cat "$ROOT/requirements/base.txt" "$ROOT/setup.cfg" "$ROOT/pyproject.toml" \
-  "$ROOT/projects/HARNet/harnet/d2_compat/install.py" \
+  "$ROOT/tools/install_detectron2.py" "$ROOT/projects/HARNet/harnet/d2_compat/info.py" \
   "$ROOT/projects/HARNet/harnet/d2_compat/_C_fallback.py"
   echo "root=$ROOT mode=${HARNET_D2_MODE:-auto} source=$D2_SOURCE"
   if [[ -n "$D2_SOURCE" ]]; then stat -c "%s %Y" "$D2_SOURCE"; fi; } | sha256sum | cut -d' ' -f1)
@@ -51,7 +51,7 @@ export PATH="$VENV/bin:$PATH" VIRTUAL_ENV="$VENV"
 export UV_SYSTEM_CERTS=1
 uv pip install --python "$PY" -r "$ROOT/requirements/base.txt"
 HARNET_D2_MODE="${HARNET_D2_MODE:-auto}"
-"$PY" "$ROOT/projects/HARNet/harnet/d2_compat/install.py" --mode "$HARNET_D2_MODE"
+"$PY" "$ROOT/tools/install_detectron2.py" --mode "$HARNET_D2_MODE"
 uv pip install --python "$PY" --no-deps -e "$ROOT"
 check || { echo "[setup] environment check failed" >&2; exit 1; }
 echo "$want" > "$STAMP"

@@ -9,8 +9,8 @@ import sys
 
 from tabulate import tabulate
 
-from harnet.d2_compat.install import D2_COMMIT, install_mode as detectron2_install_mode
-from harnet.d2_compat.install import installed_version
+from harnet.d2_compat.info import D2_COMMIT, install_mode as detectron2_install_mode
+from harnet.d2_compat.info import installed_version
 
 
 def _describe_distribution(dist):

@@ -35,7 +35,7 @@ from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from ..d2_compat.install import install_mode
+from ..d2_compat.info import install_mode
 from ..data.loaders import build_harnet_test_loader, build_harnet_train_loader
 from ..data.samplers import ResumableTrainLoader
 from ..solver import build_optimizer
@@ -51,7 +51,7 @@ __all__ = ["HARNetTrainer", "fast_coco_eval_available", "ddp_kwargs_for"]
 
 def fast_coco_eval_available():
     """Whether Detectron2's compiled fast COCO evaluation exists: only when Detectron2 is
-    installed with its compiled ops (:func:`harnet.d2_compat.install.install_mode`; the
+    installed with its compiled ops (:func:`harnet.d2_compat.info.install_mode`; the
     fallback's pure-Python ``detectron2._C`` raises on COCOeval ops).
 
     Returns:

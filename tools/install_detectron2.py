@@ -1,9 +1,10 @@
+#!/usr/bin/env python
 """Install Detectron2 into the current Python environment, choosing the best mode available.
 
 Run as a script with the target environment's interpreter (it must not import harnet,
 which needs Detectron2):
 
-    python projects/HARNet/harnet/d2_compat/install.py [--mode auto|existing|source|fallback]
+    python tools/install_detectron2.py [--mode auto|existing|source|fallback]
 
 Modes, tried in this order by ``auto``:
 1. ``existing``: Detectron2 is already importable; nothing is installed.
@@ -14,7 +15,7 @@ Modes, tried in this order by ``auto``:
    and torch version, so a second environment from the same archive installs in seconds.
 3. ``fallback``: the Python sources published on PyPI as ``pb1-detectron2==0.6`` (a 2022
    snapshot of Detectron2's main branch), installed without the extension build, plus
-   HARNet's pure-Python ``detectron2._C`` (see ``_C_fallback.py``), with
+   HARNet's pure-Python ``detectron2._C`` (``harnet/d2_compat/_C_fallback.py``), with
    ``detectron2.export``'s caffe2 import made optional as upstream does.
 
 The installed distribution's version names what was installed: ``0.6+g<commit>`` for a
@@ -34,15 +35,28 @@ import tempfile
 import urllib.request
 
 D2_REPO = "https://github.com/facebookresearch/detectron2.git"
-# Upstream main, June 2026: the commit HARNet's CI builds and tests (README, install modes).
-D2_COMMIT = "02b5c4e295e990042a714712c21dc79b731e8833"
 SDIST_URL = (
     "https://files.pythonhosted.org/packages/60/26/"
     "48f5bbb7ee492696a21da23303daeecdfe3942c498a70d34108acf63b2bd/pb1-detectron2-0.6.tar.gz"
 )
 SDIST_SHA256 = "5d2e9e51e523ec72f6a31cca04b0a515492e9514b773a3d134cedc0677170b29"
-HERE = os.path.dirname(os.path.abspath(__file__))
-FALLBACK_C = os.path.join(HERE, "_C_fallback.py")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load_info():
+    """harnet/d2_compat/info.py (standard library only), loaded by path: harnet cannot be
+    imported before Detectron2 is installed."""
+    path = os.path.join(REPO, "projects", "HARNet", "harnet", "d2_compat", "info.py")
+    spec = importlib.util.spec_from_file_location("harnet_d2_install_info", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_info = _load_info()
+D2_COMMIT, FALLBACK_C = _info.D2_COMMIT, _info.FALLBACK_C
+install_mode, fallback_outdated = _info.install_mode, _info.fallback_outdated
+installed_version = _info.installed_version
 
 
 class SourceError(RuntimeError):
@@ -296,47 +310,6 @@ def install_fallback():
 
 
 # ------------------------------------------------------------------ driver
-
-
-def install_mode():
-    """How Detectron2 is installed, without importing it: 'compiled' (its C++/CUDA ops
-    built), 'fallback' (Python sources + HARNet's pure-Python ``detectron2._C``), 'no _C'
-    or 'not installed'."""
-    if importlib.util.find_spec("detectron2") is None:
-        return "not installed"
-    c = importlib.util.find_spec("detectron2._C")
-    if c is None or c.origin is None:
-        return "no _C"
-    return "fallback" if c.origin.endswith(".py") else "compiled"
-
-
-def fallback_outdated():
-    """Whether the installed Detectron2 is an older HARNet fallback install: its ``_C.py``
-    differs from ``_C_fallback.py`` or its ``detectron2.export`` still needs caffe2."""
-    if install_mode() != "fallback":
-        return False
-    pkg = os.path.dirname(importlib.util.find_spec("detectron2").origin)
-    try:
-        with open(os.path.join(pkg, "_C.py")) as f, open(FALLBACK_C) as g:
-            same_c = f.read() == g.read()
-        with open(os.path.join(pkg, "export", "__init__.py")) as f:
-            guarded = "patched by HARNet's installer" in f.read()
-    except OSError:
-        return True
-    return not (same_c and guarded)
-
-
-def installed_version():
-    """``<distribution> <version>`` of the installed Detectron2, e.g. ``detectron2
-    0.6+g02b5c4e...`` or ``pb1-detectron2 0.6``; None when none is installed."""
-    from importlib import metadata
-
-    for dist in ("detectron2", "pb1-detectron2"):
-        try:
-            return f"{dist} {metadata.version(dist)}"
-        except metadata.PackageNotFoundError:
-            continue
-    return None
 
 
 def _plan(mode, local_source):

@@ -1,0 +1,58 @@
+"""How Detectron2 is installed, and the commit HARNet tests (library side of
+``tools/install_detectron2.py``).
+
+Standard library only, and Detectron2 is never imported: the installer loads this file by
+path before Detectron2 (and so harnet) can be imported; ``python -m harnet.collect_env`` and
+the trainer (fast COCO evaluation or not) read it through ``harnet.d2_compat.info``.
+"""
+
+import importlib.util
+import os
+
+__all__ = ["D2_COMMIT", "FALLBACK_C", "install_mode", "fallback_outdated", "installed_version"]
+
+# Upstream main, June 2026: the commit HARNet's CI builds and tests (README, install modes).
+D2_COMMIT = "02b5c4e295e990042a714712c21dc79b731e8833"
+# HARNet's pure-Python detectron2._C, which the fallback install copies into Detectron2.
+FALLBACK_C = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_C_fallback.py")
+
+
+def install_mode():
+    """How Detectron2 is installed, without importing it: 'compiled' (its C++/CUDA ops
+    built), 'fallback' (Python sources + HARNet's pure-Python ``detectron2._C``), 'no _C'
+    or 'not installed'."""
+    if importlib.util.find_spec("detectron2") is None:
+        return "not installed"
+    c = importlib.util.find_spec("detectron2._C")
+    if c is None or c.origin is None:
+        return "no _C"
+    return "fallback" if c.origin.endswith(".py") else "compiled"
+
+
+def fallback_outdated():
+    """Whether the installed Detectron2 is an older HARNet fallback install: its ``_C.py``
+    differs from ``_C_fallback.py`` or its ``detectron2.export`` still needs caffe2."""
+    if install_mode() != "fallback":
+        return False
+    pkg = os.path.dirname(importlib.util.find_spec("detectron2").origin)
+    try:
+        with open(os.path.join(pkg, "_C.py")) as f, open(FALLBACK_C) as g:
+            same_c = f.read() == g.read()
+        with open(os.path.join(pkg, "export", "__init__.py")) as f:
+            guarded = "patched by HARNet's installer" in f.read()
+    except OSError:
+        return True
+    return not (same_c and guarded)
+
+
+def installed_version():
+    """``<distribution> <version>`` of the installed Detectron2, e.g. ``detectron2
+    0.6+g02b5c4e...`` or ``pb1-detectron2 0.6``; None when none is installed."""
+    from importlib import metadata
+
+    for dist in ("detectron2", "pb1-detectron2"):
+        try:
+            return f"{dist} {metadata.version(dist)}"
+        except metadata.PackageNotFoundError:
+            continue
+    return None

@@ -25,7 +25,7 @@ compare = _load_tool()
 from test_train import DEMO_YAML, tiny_opts
 
 
-def test_parse_variant():
+def test_variant_syntax_gives_label_and_overrides_and_rejects_malformed_entries():
     assert compare.parse_variant("HAR-Net") == ("HAR-Net", [])
     assert compare.parse_variant("off@MODEL.HARNET.CLGN.ENABLED=False@SOLVER.STEPS=(1, 2)") == (
         "off", ["MODEL.HARNET.CLGN.ENABLED", "False", "SOLVER.STEPS", "(1, 2)"])
@@ -73,7 +73,7 @@ def test_summarize_against_numpy():
     assert one["x"]["AP"] == (3.0, 0.0) and all(map(math.isnan, one["x"]["APl"]))
 
 
-def test_format_table():
+def test_summary_table_lists_mean_std_and_difference_to_the_baseline():
     results = {"full": {0: {m: 10.0 for m in compare.METRICS}, 1: {m: 12.0 for m in compare.METRICS}},
                "base": {0: {m: 8.0 for m in compare.METRICS}, 1: {m: 9.0 for m in compare.METRICS}}}
     results["full"][0]["APl"] = results["full"][1]["APl"] = math.nan

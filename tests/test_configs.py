@@ -95,7 +95,7 @@ def test_baseline_is_detectron2_retinanet_r50():
     assert list(a) == list(b) and all(a[k].shape == b[k].shape for k in a)
 
 
-def test_authors_config():
+def test_authors_config_builds_six_rounded_anchors_per_location():
     cfg = _full_size("har_R_50_FPN_authors.yaml")
     model = build_model(cfg)
     assert model.anchor_generator.num_cell_anchors == [6] * 5

@@ -210,7 +210,7 @@ def test_suppress_detections_invariants_and_permutation(case, method, voting, sc
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_empty_inputs(dtype):
+def test_empty_inputs_give_empty_outputs_of_the_input_dtype(dtype):
     boxes, scores = torch.zeros(0, 4, dtype=dtype), torch.zeros(0, dtype=dtype)
     classes = torch.zeros(0, dtype=torch.int64)
     for method in ("gaussian", "linear", "hard"):

@@ -66,7 +66,7 @@ def test_find_cuda_tests_in_repo():
         assert known in ids
 
 
-def test_match_detections():
+def test_detection_match_ignores_order_and_counts_close_boxes_only():
     boxes = torch.tensor([[0.0, 0, 10, 10], [5, 5, 20, 20], [30, 30, 40, 45]])
     scores = torch.tensor([0.9, 0.8, 0.7])
     classes = torch.tensor([1, 2, 1])

@@ -200,7 +200,7 @@ def test_lazy_config_with_overrides(tmp_path, data_root):
     assert trainer.start_iter == 3
 
 
-def test_two_step(tmp_path, data_root):
+def test_two_step_training_starts_step_two_from_step_one_weights(tmp_path, data_root):
     out = str(tmp_path / "two")
     opts = tiny_opts(data_root, out, max_iter=2) + [
         "SOLVER.TWO_STEP.STEP1_MAX_ITER", "3",

@@ -135,7 +135,7 @@ def test_views_are_batched_and_merged_before_one_suppression(model):
     )
 
 
-def test_size_selection(model):
+def test_size_selection_keeps_large_boxes_of_downscaled_views_and_small_of_upscaled(model):
     cfg = _cfg(min_sizes=(40, 64, 96), flip=False)
     small, large = 24.0**2, 48.0**2
     cfg.TEST.AUG.SIZE_SELECT.ENABLED = True

@@ -233,7 +233,7 @@ def test_single_view_is_identity_up_to_the_score_rule(conf_type):
     _assert_same(_wbf(views, conf_type=conf_type), _reference(views, conf_type=conf_type))
 
 
-def test_empty_views():
+def test_empty_views_give_empty_fusion_and_count_in_the_score_rescaling():
     empty = (torch.zeros(0, 4, dtype=torch.float64), T(), torch.zeros(0, dtype=torch.long))
     for num_views in (1, 3):
         boxes, scores, classes = _wbf([empty] * num_views)

@@ -20,12 +20,14 @@ import torch
 from torch import Tensor
 from torchvision.ops import batched_nms
 
-from .box_voting import (
-    batched_box_voting,
-    batched_box_voting_scriptable,
-    canonical_voting_scoring,
+from ._box_ops import box_checks, check_category_indices, score_checks
+from .box_voting import batched_box_voting_scriptable, canonical_voting_scoring
+from .soft_nms import (
+    SOFT_NMS_METHODS,
+    batched_soft_nms_scriptable,
+    check_soft_nms_inputs,
+    soft_nms_eager,
 )
-from .soft_nms import SOFT_NMS_METHODS, batched_soft_nms, batched_soft_nms_scriptable
 
 __all__ = ["suppress_detections", "suppress_detections_scriptable", "postprocess_params_from_cfg"]
 
@@ -81,41 +83,28 @@ def suppress_detections(
         raise ValueError(f"nms_type must be one of {SOFT_NMS_METHODS}, got {nms_type!r}")
     if voting:
         voting_scoring = canonical_voting_scoring(voting_scoring, "voting_scoring")
+        if not 0 <= voting_iou <= 1:
+            raise ValueError(f"voting_iou must be in [0, 1], got {voting_iou}")
     if int(max_detections) < 0:
         raise ValueError(f"max_detections must be >= 0, got {max_detections}")
+    args = (
+        nms_type, float(iou_threshold), float(soft_nms_sigma), float(soft_nms_min_score),
+        bool(voting), float(voting_iou), voting_scoring, int(max_detections), float(min_score),
+    )  # fmt: skip
     if torch.jit.is_tracing():
-        return scripted_suppress_detections()(
-            boxes, scores, classes, nms_type, float(iou_threshold), float(soft_nms_sigma),
-            float(soft_nms_min_score), bool(voting), float(voting_iou), voting_scoring,
-            int(max_detections), float(min_score),
+        return scripted_suppress_detections()(boxes, scores, classes, *args)
+    if nms_type != "hard" or voting:
+        # Soft-NMS and voting weigh by the scores: checked inputs (one host sync).
+        value_checks = box_checks(boxes) + score_checks(scores, boxes.shape[0])
+        check_category_indices(classes, boxes.shape[0], "classes", "boxes")
+        if voting and scores.numel():
+            message = "scores must be non-negative for box voting (they weight the mean)"
+            value_checks.append(((scores >= 0).all(), message))
+        check_soft_nms_inputs(
+            boxes, scores, classes, nms_type, soft_nms_sigma, iou_threshold, soft_nms_min_score,
+            value_checks,
         )  # fmt: skip
-    if nms_type == "hard":
-        keep = batched_nms(boxes.float(), scores.float(), classes, iou_threshold)
-        new_scores = scores[keep]
-    else:
-        keep, new_scores = batched_soft_nms(
-            boxes,
-            scores,
-            classes,
-            method=nms_type,
-            sigma=soft_nms_sigma,
-            iou_threshold=iou_threshold,
-            score_threshold=soft_nms_min_score,
-        )
-    kept_boxes, kept_classes = boxes[keep], classes[keep]
-    if voting:
-        # Vote with all kept boxes: the new scores can change which ones make the top K.
-        kept_boxes, new_scores = batched_box_voting(
-            kept_boxes, new_scores, kept_classes, boxes, scores, classes, voting_iou, voting_scoring
-        )
-    return _best_detections(
-        kept_boxes,
-        new_scores,
-        kept_classes,
-        voting and voting_scoring != "keep",
-        int(max_detections),
-        float(min_score),
-    )
+    return suppress_detections_scriptable(boxes, scores, classes, *args, eager=True)
 
 
 def suppress_detections_scriptable(
@@ -131,18 +120,26 @@ def suppress_detections_scriptable(
     voting_scoring: str,
     max_detections: int,
     min_score: float,
+    eager: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """:func:`suppress_detections` without argument checks (``voting_scoring`` canonical)
-    and with PyTorch ops only (no numba): TorchScript-compatible, the same detections."""
+    """:func:`suppress_detections` without argument checks (``voting_scoring`` canonical):
+    TorchScript-compatible, the same detections. ``eager=True`` (not scripted) lets
+    soft-NMS run numba's compiled loop on CPU; otherwise PyTorch ops only."""
     if nms_type == "hard":
+        # float32 for torchvision's kernel (no half-precision CPU nms; one dtype for both).
         keep = batched_nms(boxes.float(), scores.float(), classes, iou_threshold)
         new_scores = scores[keep]
+    elif eager and not torch.jit.is_scripting():
+        keep, new_scores = soft_nms_eager(
+            boxes, scores, classes, nms_type, soft_nms_sigma, iou_threshold, soft_nms_min_score
+        )
     else:
         keep, new_scores = batched_soft_nms_scriptable(
             boxes, scores, classes, nms_type, soft_nms_sigma, iou_threshold, soft_nms_min_score
         )
     kept_boxes, kept_classes = boxes[keep], classes[keep]
     if voting:
+        # Vote with all kept boxes: the new scores can change which ones make the top K.
         kept_boxes, new_scores = batched_box_voting_scriptable(
             kept_boxes, new_scores, kept_classes, boxes, scores, classes, voting_iou, voting_scoring
         )

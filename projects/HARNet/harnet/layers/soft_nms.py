@@ -134,21 +134,42 @@ def check_soft_nms_params(method: str, sigma: float, iou_threshold: float, score
         raise ValueError("score_threshold must not be NaN")
 
 
-def _checked_soft_nms(
-    boxes, scores, idxs, method, sigma, iou_threshold, score_threshold, value_checks
-):
+def check_soft_nms_inputs(boxes, scores, idxs, method, sigma, iou_threshold, score_threshold,
+                          value_checks) -> None:  # fmt: skip
+    """Raise, naming the argument, for inputs :func:`soft_nms_eager` cannot take; the value
+    checks (``value_checks`` plus non-negative scores) are read with one host sync."""
     check_same_device(boxes=boxes, scores=scores, idxs=idxs)
     check_soft_nms_params(method, sigma, iou_threshold, score_threshold)
     if method != "hard" and scores.numel():
         # Multiplicative decay assumes scores >= 0 (decaying a negative score raises it).
         message = "scores must be non-negative for soft-NMS (e.g. probabilities)"
         value_checks = value_checks + [((scores >= 0).all(), message)]
-    raise_failed(value_checks)  # one host synchronisation for all value checks
-    sigma, iou_threshold, score_threshold = (
-        float(sigma),
-        float(iou_threshold),
-        float(score_threshold),
+    raise_failed(value_checks)
+
+
+def _checked_soft_nms(
+    boxes, scores, idxs, method, sigma, iou_threshold, score_threshold, value_checks
+):
+    check_soft_nms_inputs(
+        boxes, scores, idxs, method, sigma, iou_threshold, score_threshold, value_checks
     )
+    return soft_nms_eager(
+        boxes, scores, idxs, method, float(sigma), float(iou_threshold), float(score_threshold)
+    )
+
+
+@torch.jit.unused
+def soft_nms_eager(
+    boxes: Tensor,
+    scores: Tensor,
+    idxs: Tensor,
+    method: str,
+    sigma: float,
+    iou_threshold: float,
+    score_threshold: float,
+) -> Tuple[Tensor, Tensor]:
+    """:func:`batched_soft_nms` without input checks, in eager mode: numba's compiled loop
+    on CPU tensors when numba is installed, else :func:`batched_soft_nms_scriptable`."""
     if method == "hard" or boxes.device.type != "cpu" or not _soft_nms_numba.available():
         return batched_soft_nms_scriptable(
             boxes, scores, idxs, method, sigma, iou_threshold, score_threshold

@@ -244,3 +244,28 @@ def write_coco_dataset(root, n_images=4, size=(64, 48), num_classes=3, seed=0):
             boxes.append(((x, y, bw, bh), int(rng.integers(1, num_classes + 1))))
         images.append((f"{i:03d}.png", pixels, boxes))
     return write_coco(root, images, [(c + 1, f"c{c}") for c in range(num_classes)])
+
+
+def losses_of(models, inputs):
+    """Each model's training losses on (a copy of) the same inputs, in an EventStorage."""
+    import copy
+
+    from detectron2.utils.events import EventStorage
+
+    losses = []
+    for m in models:
+        m.train()
+        with EventStorage():
+            losses.append(m(copy.deepcopy(inputs)))
+    return losses
+
+
+def load_tool(name):
+    """tools/<name>.py as a module (tools are scripts, not an installed package)."""
+    import importlib.util
+
+    path = os.path.join(REPO, "tools", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"{name}_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -22,7 +22,7 @@ from detectron2.utils.events import EventStorage
 from harnet.modeling import AuthorsFPN, RoundedAnchorGenerator, per_level_normalized_losses
 from harnet.modeling.candidates import authors_level_candidates
 from harnet.solver import build_optimizer
-from harnet_model_utils import CONFIG_DIR, har_cfg, make_inputs, perturb_, single_thread
+from harnet_model_utils import CONFIG_DIR, har_cfg, losses_of, make_inputs, perturb_, single_thread
 
 _single_thread = pytest.fixture(scope="module", autouse=True)(single_thread)
 
@@ -561,11 +561,7 @@ def test_authors_lazy_twin_matches_the_yaml(authors_yaml_and_lazy):
     # Same weights -> same losses.
     from_lazy.load_state_dict(from_yaml.state_dict(), strict=True)
     inputs = make_inputs(sizes=((64, 80), (48, 64)))
-    losses = []
-    for m in (from_yaml, from_lazy):
-        m.train()
-        with EventStorage():
-            losses.append(m(copy.deepcopy(inputs)))
+    losses = losses_of((from_yaml, from_lazy), inputs)
     for k in losses[0]:
         assert torch.equal(losses[0][k], losses[1][k]), k
     # Same optimizer groups (lr, decay per parameter) and schedule.

@@ -1,7 +1,6 @@
 """tools/compare_variants.py: variants of one config trained under
 the same schedule over seeds, their COCO AP tabulated against a baseline."""
 import glob
-import importlib.util
 import json
 import math
 import os
@@ -10,18 +9,9 @@ import subprocess
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from harnet_model_utils import load_tool
 
-
-def _load_tool():
-    path = os.path.join(REPO, "tools", "compare_variants.py")
-    spec = importlib.util.spec_from_file_location("compare_variants_under_test", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-compare = _load_tool()
+compare = load_tool("compare_variants")
 from test_train import DEMO_YAML, tiny_opts
 
 

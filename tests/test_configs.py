@@ -14,7 +14,7 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 from harnet.modeling import AlignedResNet, HARRetinaNet
-from harnet_model_utils import CONFIG_DIR, har_cfg, make_inputs, perturb_, set_keys, single_thread
+from harnet_model_utils import CONFIG_DIR, har_cfg, losses_of, make_inputs, perturb_, set_keys, single_thread
 
 _single_thread = pytest.fixture(scope="module", autouse=True)(single_thread)
 
@@ -154,11 +154,7 @@ def test_lazy_twin_same_outputs_with_same_weights(yaml_and_lazy):
         m.test_score_thresh, m.test_topk_candidates = 0.0, 50
         m.__dict__.pop("loss_normalizer", None)
     inputs = make_inputs(sizes=((64, 80), (48, 64)))
-    losses = []
-    for m in (from_yaml, from_lazy):
-        m.train()
-        with EventStorage():
-            losses.append(m(copy.deepcopy(inputs)))
+    losses = losses_of((from_yaml, from_lazy), inputs)
     assert (
         set(losses[0])
         == set(losses[1])

@@ -2,7 +2,6 @@
 code adds none to Detectron2's inference with hard NMS and at most a few per image with
 soft-NMS + voting (the CUDA audit's fixes, docs/cuda_audit.md, kept)."""
 
-import importlib.util
 import os
 
 import torch
@@ -10,19 +9,9 @@ import torch
 from detectron2.config import get_cfg
 
 import harnet
+from harnet_model_utils import REPO, load_tool
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _tool():
-    path = os.path.join(REPO, "tools", "count_host_syncs.py")
-    spec = importlib.util.spec_from_file_location("count_host_syncs_under_test", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-tool = _tool()
+tool = load_tool("count_host_syncs")
 
 
 def test_counter_sees_item_nonzero_bool_index_and_tolist():

@@ -93,26 +93,10 @@ class HARRetinaNet(RetinaNet):
                 max_detections=self.max_detections_per_image,
             )
         self.postprocess_params = dict(postprocess_params)
-        if loss_normalizer not in LOSS_NORMALIZERS:
-            raise ValueError(
-                f"HARRetinaNet: loss_normalizer={loss_normalizer!r} is unknown "
-                f"(MODEL.HARNET.LOSS.NORMALIZER); use one of {LOSS_NORMALIZERS}"
-            )
-        if not (math.isfinite(loss_min_normalizer) and loss_min_normalizer >= 0):
-            raise ValueError(
-                f"HARRetinaNet: loss_min_normalizer={loss_min_normalizer} must be finite and "
-                ">= 0 (MODEL.HARNET.LOSS.PER_LEVEL_MIN)"
-            )
-        if candidate_mode not in CANDIDATE_MODES:
-            raise ValueError(
-                f"HARRetinaNet: candidate_mode={candidate_mode!r} is unknown "
-                f"(MODEL.HARNET.CANDIDATES.MODE); use one of {CANDIDATE_MODES}"
-            )
-        if not (math.isfinite(candidate_min_size) and candidate_min_size >= 0):
-            raise ValueError(
-                f"HARRetinaNet: candidate_min_size={candidate_min_size} must be finite and "
-                ">= 0 (MODEL.HARNET.CANDIDATES.MIN_SIZE)"
-            )
+        _check_choice("loss_normalizer", loss_normalizer, LOSS_NORMALIZERS, "LOSS.NORMALIZER")
+        _check_non_negative("loss_min_normalizer", loss_min_normalizer, "LOSS.PER_LEVEL_MIN")
+        _check_choice("candidate_mode", candidate_mode, CANDIDATE_MODES, "CANDIDATES.MODE")
+        _check_non_negative("candidate_min_size", candidate_min_size, "CANDIDATES.MIN_SIZE")
         self.loss_normalizer_mode = loss_normalizer
         self.loss_min_normalizer = float(loss_min_normalizer)
         self.candidate_mode = candidate_mode
@@ -372,3 +356,17 @@ class HARRetinaNet(RetinaNet):
                 [m[i, 0, : math.ceil(h / s), : math.ceil(w / s)] for m, s in zip(masks, strides)]
             )
         return out
+
+
+def _check_choice(name, value, choices, key):
+    if value not in choices:
+        raise ValueError(
+            f"HARRetinaNet: {name}={value!r} is unknown (MODEL.HARNET.{key}); use one of {choices}"
+        )
+
+
+def _check_non_negative(name, value, key):
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(
+            f"HARRetinaNet: {name}={value} must be finite and >= 0 (MODEL.HARNET.{key})"
+        )

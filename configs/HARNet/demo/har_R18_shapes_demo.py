@@ -71,12 +71,12 @@ optimizer = L(torch.optim.AdamW)(
     weight_decay=0.0001,
 )
 lr_multiplier = L(WarmupParamScheduler)(
-    scheduler=L(MultiStepParamScheduler)(values=[1.0, 0.1, 0.01], milestones=[700, 850, 900]),
-    warmup_length=100 / 900,
+    scheduler=L(MultiStepParamScheduler)(values=[1.0, 0.1, 0.01], milestones=[1400, 1700, 1800]),
+    warmup_length=200 / 1800,
     warmup_method="linear",
     warmup_factor=0.01,
 )
-train.max_iter = 900
+train.max_iter = 1800
 train.init_checkpoint = ""
 train.device = "cpu"
 train.output_dir = "./output/demo_lazy"

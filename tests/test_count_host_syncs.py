@@ -40,7 +40,6 @@ def test_harnet_adds_no_sync_to_hard_nms_inference_and_few_to_soft_nms_voting():
     def own(counts):
         return sum(v for k, v in counts.items() if "harnet/" in k)
 
-    torch.set_num_threads(1)
     assert own(tool.count(cfg, (96, 128), train=False)) == 0
     cfg.MODEL.HARNET.POSTPROCESS.VOTING.ENABLED = True
     counts = tool.count(cfg, (96, 128), train=False)

@@ -97,7 +97,8 @@ def suppress_detections(
         # Soft-NMS and voting weigh by the scores: checked inputs (one host sync).
         value_checks = box_checks(boxes) + score_checks(scores, boxes.shape[0])
         check_category_indices(classes, boxes.shape[0], "classes", "boxes")
-        if voting and scores.numel():
+        if voting and nms_type == "hard" and scores.numel():
+            # (Soft-NMS checks the same for its own reason, below.)
             message = "scores must be non-negative for box voting (they weight the mean)"
             value_checks.append(((scores >= 0).all(), message))
         check_soft_nms_inputs(

@@ -248,7 +248,7 @@ def _candidate_windows(
     right = (1.0 - iou_threshold) * 1.001 * k_w + slack
     left = (1.0 - iou_threshold) / iou_threshold * 1.001 * k_w + slack
     # Search each window within its category's range, in one sorted sequence of keys:
-    # category rank * span + x1 (span: wider than any x1 plus any reach).
+    # (category - smallest category) * span + x1 (span: wider than any x1 plus any reach).
     c_x1, k_x1 = cb[:, 0].to(f64), kb[:, 0].to(f64)
     reach = (1.0 - iou_threshold) / iou_threshold * 1.001 * max_width + slack
     x_min = torch.minimum(c_x1.min(), k_x1.min()) - 2 * reach
@@ -277,6 +277,8 @@ def _overlapping_pairs(
     counts = hi - lo
     ends = torch.cumsum(counts, 0)
     firsts = ends - counts  # each kept box's first pair
+    # Pair p of kept box r (pairs numbered over all kept boxes) meets candidate p + offset[r].
+    offset = lo - firsts
     # Chunks of kept boxes of about pair_budget pairs each: bounds[i] is a chunk's first
     # kept box, pair_ends[i] the number of pairs before it (host ints: repeat_interleave
     # gets its output size, no sync). One sync when one chunk (the usual case), else two.
@@ -306,9 +308,8 @@ def _overlapping_pairs(
             counts[start:end],
             output_size=pair_ends[i + 1] - pair_ends[i],
         )
-        # Pair p of kept box r (pairs numbered over all kept boxes) meets lo[r] + p - firsts[r].
         pair = torch.arange(rows.shape[0], device=kb.device) + firsts[start]
-        cols = pair.add_((lo - firsts).index_select(0, rows))
+        cols = pair.add_(offset.index_select(0, rows))
         k, c = k_planes.index_select(1, rows), c_planes.index_select(1, cols)
         iou = plane_iou(k[0], k[1], k[2], k[3], k[4], c[0], c[1], c[2], c[3], c[4])
         keep = torch.nonzero(iou >= iou_threshold).squeeze(1)

@@ -69,14 +69,15 @@ optimizer = L(torch.optim.AdamW)(
     params=L(get_optimizer_params)(base_lr="${..lr}", weight_decay_norm=0.0),
     lr=0.001,
     weight_decay=0.0001,
+    fused=True,  # one kernel for all tensors (as build_optimizer does for the yaml)
 )
 lr_multiplier = L(WarmupParamScheduler)(
-    scheduler=L(MultiStepParamScheduler)(values=[1.0, 0.1, 0.01], milestones=[1400, 1700, 1800]),
-    warmup_length=200 / 1800,
+    scheduler=L(MultiStepParamScheduler)(values=[1.0, 0.1, 0.01], milestones=[1550, 1900, 2000]),
+    warmup_length=200 / 2000,
     warmup_method="linear",
     warmup_factor=0.01,
 )
-train.max_iter = 1800
+train.max_iter = 2000
 train.init_checkpoint = ""
 train.device = "cpu"
 train.output_dir = "./output/demo_lazy"

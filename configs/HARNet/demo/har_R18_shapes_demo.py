@@ -72,12 +72,12 @@ optimizer = L(torch.optim.AdamW)(
     fused=True,  # one kernel for all tensors (as build_optimizer does for the yaml)
 )
 lr_multiplier = L(WarmupParamScheduler)(
-    scheduler=L(MultiStepParamScheduler)(values=[1.0, 0.1, 0.01], milestones=[1550, 1900, 2000]),
-    warmup_length=200 / 2000,
+    scheduler=L(MultiStepParamScheduler)(values=[1.0, 0.1, 0.01], milestones=[1700, 2090, 2200]),
+    warmup_length=200 / 2200,
     warmup_method="linear",
     warmup_factor=0.01,
 )
-train.max_iter = 2000
+train.max_iter = 2200
 train.init_checkpoint = ""
 train.device = "cpu"
 train.output_dir = "./output/demo_lazy"

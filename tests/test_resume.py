@@ -131,8 +131,9 @@ class _Interrupt(HookBase):
             raise KeyboardInterrupt("interrupted by the test")
 
 
-def _trainer(root, out, max_iter, resume, interrupt_at=None):
-    args = argument_parser().parse_args(["--config-file", DEMO_YAML] + _opts(root, out, max_iter))
+def _trainer(root, out, max_iter, resume, interrupt_at=None, extra=()):
+    args = argument_parser().parse_args(
+        ["--config-file", DEMO_YAML] + _opts(root, out, max_iter) + list(extra))
     cfg = build_config(args)
     seed_all_rng(cfg.SEED)  # the same initial weights in every run (as default_setup does)
     trainer = HARNetTrainer(cfg)
@@ -164,19 +165,23 @@ def test_harnet_train_loader_resumes_its_batches(tmp_path):
 
 @pytest.mark.slow
 @torch.jit.optimized_execution(False)
-def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("normalizer", ["running", "per_level"])
+def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, normalizer):
+    # Both loss normalisers: the running one is state (checkpointed), the authors' per-level
+    # one is a function of the batch; either way the resumed run is the uninterrupted one.
     # TorchScript's profiling executor optimises Detectron2's scripted Box2BoxTransform
     # after its first calls, which changes the last bits of the first iterations' losses:
     # two uninterrupted runs in one process differ by ~1e-4 after 10 iterations with it.
     root = str(tmp_path / "shapes")
     straight, broken = str(tmp_path / "straight"), str(tmp_path / "broken")
-    _trainer(root, straight, 10, resume=False).train()
+    extra = ["MODEL.HARNET.LOSS.NORMALIZER", normalizer]
+    _trainer(root, straight, 10, resume=False, extra=extra).train()
 
     with pytest.raises(KeyboardInterrupt):
-        _trainer(root, broken, 10, resume=False, interrupt_at=6).train()
+        _trainer(root, broken, 10, resume=False, interrupt_at=6, extra=extra).train()
     assert os.path.exists(os.path.join(broken, "model_0000004.pth"))
     assert not os.path.exists(os.path.join(broken, "model_final.pth"))
-    resumed = _trainer(root, broken, 10, resume=True)
+    resumed = _trainer(root, broken, 10, resume=True, extra=extra)
     assert resumed.start_iter == 5
     resumed.train()
 

@@ -6,6 +6,7 @@ import torch
 
 from harnet.engine.visualization import (
     attention_panel, compose, display_scale, draw_detections, draw_ground_truth, mask_to_image,
+    merge_coincident_labels,
     overlay_mask,
 )
 
@@ -114,3 +115,34 @@ def test_attention_panel_in_rows():
     panel = attention_panel(img, masks, [8, 16, 32, 64, 128], ["P3", "P4", "P5", "P6", "P7"],
                             input_hw=(40, 60), columns=3)
     assert panel.shape == (2 * (40 + 18) + 4, 3 * 60 + 2 * 4, 3)
+
+
+def _iou_by_definition(a, b):
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = w * h
+    area = lambda r: (r[2] - r[0]) * (r[3] - r[1])  # noqa: E731
+    return inter / (area(a) + area(b) - inter)
+
+
+def test_coincident_detections_share_one_legible_label():
+    # One object reported as "circle" and "square" on nearly the same box (IoU 0.95 / 0.92),
+    # a third box elsewhere and a fourth overlapping the first by IoU ~0.6 (kept apart).
+    boxes = np.array([[10, 10, 50, 50], [10, 10, 50, 52], [60, 60, 90, 90],
+                      [10, 10, 50, 28], [11, 10, 50, 50]], dtype=np.float64)
+    labels = ["circle 58%", "square 35%", "star 90%", "cross 20%", "ellipse 10%"]
+    got = merge_coincident_labels(boxes, labels, iou_thresh=0.9)
+    assert _iou_by_definition(boxes[0], boxes[1]) >= 0.9 > _iou_by_definition(boxes[0], boxes[3])
+    assert got == ["circle 58% | square 35% | ellipse 10%", "", "star 90%", "cross 20%", ""]
+    # Drawn: the merged label is one text; the picture differs from drawing the
+    # square alone where the label stands (above the box), and the boxes are all drawn.
+    from detectron2.data import Metadata
+
+    meta = Metadata(name="_test_vis_merge", thing_classes=["circle", "square"])
+    img = np.zeros((100, 100, 3), np.uint8)
+    both = draw_detections(img, _instances([[20, 20, 80, 80], [20, 20, 80, 81]], [0, 1],
+                                           [0.58, 0.35], (100, 100)), meta, 0.3, 4.0)
+    alone = draw_detections(img, _instances([[20, 20, 80, 81]], [1], [0.35], (100, 100)),
+                            meta, 0.3, 4.0)
+    assert both.shape == alone.shape == (400, 400, 3)
+    assert not np.array_equal(both, alone)

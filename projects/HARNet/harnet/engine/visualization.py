@@ -17,6 +17,7 @@ from detectron2.data import DatasetCatalog, Metadata, MetadataCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.utils.colormap import colormap
 from detectron2.utils.visualizer import ColorMode, Visualizer
+from torchvision.ops import box_iou
 from tqdm import tqdm
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "attention_panel",
     "draw_detections",
     "draw_ground_truth",
+    "merge_coincident_labels",
     "display_scale",
     "compose",
     "image_inputs",
@@ -144,13 +146,57 @@ def display_scale(image_hw, long_side: int = 480) -> float:
     return max(1.0, long_side / max(image_hw))
 
 
+def merge_coincident_labels(boxes: np.ndarray, labels: Sequence[str], iou_thresh: float = 0.9
+                            ) -> List[str]:
+    """Labels of boxes that lie on one another, merged into the first box's label.
+
+    A sigmoid detector often reports one object under two classes with nearly the same box;
+    drawn separately, their labels land on the same spot and neither can be read. Greedily
+    in the given order (the caller sorts by score), each box not yet taken takes every later
+    box with IoU >= ``iou_thresh``: its label becomes "a 58% | b 35%", theirs "" (the boxes
+    themselves are still drawn).
+
+    Args:
+        boxes (ndarray[N, 4] float): XYXY.
+        labels (list[str]): N labels.
+        iou_thresh (float): IoU from which two boxes count as one.
+
+    Returns:
+        list[str]: N labels, "" for the boxes whose label was merged into another's.
+    """
+    iou = box_iou(torch.as_tensor(boxes, dtype=torch.float64).reshape(-1, 4),
+                  torch.as_tensor(boxes, dtype=torch.float64).reshape(-1, 4))
+    out, taken = list(labels), [False] * len(labels)
+    for i in range(len(labels)):
+        if taken[i]:
+            continue
+        group = [j for j in range(i + 1, len(labels)) if not taken[j] and iou[i, j] >= iou_thresh]
+        for j in group:
+            taken[j] = True
+            out[j] = ""
+        out[i] = " | ".join([labels[i]] + [labels[j] for j in group])
+    return out
+
+
 class _ClassColourVisualizer(Visualizer):
     """Detectron2's ``Visualizer`` with ``ColorMode.SEGMENTATION``'s per-class colours
     drawn as they are: the stock one jitters each instance's colour (by up to 0.5 in RGB),
-    and a class must look the same in the ground truth and in the detections."""
+    and a class must look the same in the ground truth and in the detections. Labels of
+    coincident boxes are merged (:func:`merge_coincident_labels`) so that each stays legible."""
 
     def _jitter(self, color):
         return tuple(color)
+
+    def overlay_instances(self, *, boxes=None, labels=None, **kwargs):
+        if boxes is not None and labels is not None and len(labels) > 1:
+            array = boxes.tensor.numpy() if hasattr(boxes, "tensor") else np.asarray(boxes)
+            labels = merge_coincident_labels(array, labels)
+        return super().overlay_instances(boxes=boxes, labels=labels, **kwargs)
+
+    def draw_text(self, text, *args, **kwargs):
+        if not text:  # a label merged into another box's
+            return self.output
+        return super().draw_text(text, *args, **kwargs)
 
 
 def _visualizer(image: np.ndarray, metadata, scale: float, font_px: float) -> Visualizer:
@@ -187,6 +233,7 @@ def draw_detections(
     """
     instances = instances.to("cpu")
     instances = instances[instances.scores >= score_thresh]
+    instances = instances[instances.scores.argsort(descending=True)]  # merged labels: best first
     vis = _visualizer(image, metadata, scale, font_px)
     return vis.draw_instance_predictions(instances).get_image()
 

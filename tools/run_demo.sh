@@ -8,8 +8,9 @@
 #   tools/run_demo.sh                         # outputs in output/demo
 #   HARNET_DEMO_OUTPUT=/tmp/demo tools/run_demo.sh SOLVER.MAX_ITER 100   # extra overrides
 #
-# Training is 2200 iterations: 8.4 minutes at the 0.228 s/iter measured on 2 idle CPU
-# cores (README "Demo": what a fresh clone measured); a loaded machine takes longer.
+# Training is 2200 iterations: 8.9 minutes at the 0.243 s/iter a fresh clone measured on
+# 2 idle CPU cores, 10 minutes for the whole script (README "Demo"); a loaded machine
+# takes longer.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/tools/setup_env.sh"

@@ -269,3 +269,47 @@ def load_tool(name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def iou_by_definition(a, b):
+    """IoU of two XYXY boxes (sequences of 4 numbers), written from the definition: the
+    slow reference for the tensor ops; 0 for an empty union."""
+    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(
+        0.0, min(a[3], b[3]) - max(a[1], b[1])
+    )
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def pycocotools_box_ap(gt, detections):
+    """COCO box AP (%) by pycocotools itself, the reference for our evaluations.
+
+    Args:
+        gt: a COCO ground-truth JSON path or dataset dict.
+        detections: a COCO results JSON path or list of result dicts (non-empty).
+
+    Returns:
+        dict: COCO_METRICS -> value (%), NaN where pycocotools reports -1 (no such boxes).
+    """
+    import contextlib
+    import io
+    import math
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        if isinstance(gt, dict):
+            coco = COCO()
+            coco.dataset = gt
+            coco.createIndex()
+        else:
+            coco = COCO(gt)
+        ev = COCOeval(coco, coco.loadRes(detections), "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return dict(zip(COCO_METRICS, (100 * s if s >= 0 else math.nan for s in ev.stats[:6])))

@@ -8,6 +8,7 @@ import torch
 
 from harnet.layers import batched_box_voting, batched_soft_nms, box_voting
 from harnet.layers.box_voting import VOTING_SCORING_ALIASES, batched_box_voting_scriptable
+from harnet_model_utils import iou_by_definition
 
 T = lambda *x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
 
@@ -92,28 +93,21 @@ def test_batched_votes_within_category_only():
 
 
 # ------------------------------------------------------------------ slow reference, random sets
-def _iou(a, b):
-    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(
-        0.0, min(a[3], b[3]) - max(a[1], b[1])
-    )
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def slow_box_voting(boxes, scores, idxs, cboxes, cscores, cidxs, thr, scoring):
     boxes, scores, idxs = boxes.tolist(), scores.tolist(), idxs.tolist()
     cboxes, cscores, cidxs = cboxes.tolist(), cscores.tolist(), cidxs.tolist()
     out_b, out_s = [list(b) for b in boxes], list(scores)
     if scoring in ("caffe", "unclaimed_top4"):
         claimed = [
-            any(idxs[n] == cidxs[j] and _iou(boxes[n], cboxes[j]) == 1.0 for n in range(len(boxes)))
+            any(idxs[n] == cidxs[j] and iou_by_definition(boxes[n], cboxes[j]) == 1.0
+                for n in range(len(boxes)))
             for j in range(len(cboxes))
         ]
         for n in range(len(boxes)):
             mine = [
                 j
                 for j in range(len(cboxes))
-                if not claimed[j] and cidxs[j] == idxs[n] and _iou(boxes[n], cboxes[j]) >= thr
+                if not claimed[j] and cidxs[j] == idxs[n] and iou_by_definition(boxes[n], cboxes[j]) >= thr
             ]
             if not mine:
                 continue
@@ -129,7 +123,7 @@ def slow_box_voting(boxes, scores, idxs, cboxes, cscores, cidxs, thr, scoring):
         voters = [
             j
             for j in range(len(cboxes))
-            if cidxs[j] == idxs[n] and _iou(boxes[n], cboxes[j]) >= thr
+            if cidxs[j] == idxs[n] and iou_by_definition(boxes[n], cboxes[j]) >= thr
         ]
         w = [cscores[j] for j in voters]
         if not voters or sum(w) == 0:

@@ -1,13 +1,8 @@
 """tools/class_agnostic_ap.py: AP with classes ignored, against pycocotools' own per-class
 evaluation on hand-built cases."""
-import contextlib
-import io
-
 import pytest
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
-from harnet_model_utils import load_tool
+from harnet_model_utils import load_tool, pycocotools_box_ap
 
 tool = load_tool("class_agnostic_ap")
 
@@ -24,24 +19,12 @@ def _gt():
     }
 
 
-def _per_class_ap(gt, dets):
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco = COCO()
-        coco.dataset = gt
-        coco.createIndex()
-        ev = COCOeval(coco, coco.loadRes(dets), "bbox")
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    return 100 * ev.stats[0]
-
-
 def test_perfect_boxes_with_wrong_classes_are_found_class_agnostic():
     gt = _gt()
     # Every box exact, every class wrong: per-class AP 0, class-agnostic AP 100.
     dets = [{"image_id": a["image_id"], "category_id": 3 - a["category_id"], "bbox": a["bbox"],
              "score": 0.9} for a in gt["annotations"]]
-    assert _per_class_ap(gt, dets) == pytest.approx(0.0)
+    assert pycocotools_box_ap(gt, dets)["AP"] == pytest.approx(0.0)
     res = tool.class_agnostic_ap(gt, dets)
     assert res["AP"] == pytest.approx(100.0) and res["AP50"] == pytest.approx(100.0)
     assert gt["annotations"][0]["category_id"] == 1  # the caller's ground truth is untouched
@@ -54,7 +37,7 @@ def test_equals_single_class_evaluation_and_handles_no_detections():
             {"image_id": 2, "category_id": 1, "bbox": [20, 35, 50, 40], "score": 0.6}]
     one = dict(gt, categories=[{"id": 1, "name": "x"}],
                annotations=[dict(a, category_id=1) for a in gt["annotations"]])
-    expected = _per_class_ap(one, [dict(d, category_id=1) for d in dets])
+    expected = pycocotools_box_ap(one, [dict(d, category_id=1) for d in dets])["AP"]
     assert tool.class_agnostic_ap(gt, dets)["AP"] == pytest.approx(expected)
     assert 0 < expected < 100
     assert tool.class_agnostic_ap(gt, [])["AP"] == 0.0

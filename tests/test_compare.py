@@ -9,7 +9,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from harnet_model_utils import load_tool
+from harnet_model_utils import load_tool, pycocotools_box_ap
 
 compare = load_tool("compare_variants")
 from test_train import DEMO_YAML, tiny_opts
@@ -111,17 +111,6 @@ def test_bad_arguments_are_named(tmp_path):
         compare.main(["--config-file", DEMO_YAML, "--variants", "a", "a@SEED=1", "--dry-run"])
 
 
-def evaluate_with_pycocotools(annotations, detections):
-    """COCO box AP (%) of a detections file, by pycocotools itself."""
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    gt = COCO(annotations)
-    ev = COCOeval(gt, gt.loadRes(detections), "bbox")
-    ev.evaluate(), ev.accumulate(), ev.summarize()
-    return dict(zip(compare.METRICS, (100 * s if s >= 0 else math.nan for s in ev.stats[:6])))
-
-
 def assert_same_metrics(ours, reference):
     for m in compare.METRICS:
         if math.isnan(reference[m]):
@@ -160,12 +149,12 @@ def test_compare_runs_train_net_and_matches_pycocotools(tmp_path, monkeypatch):
         # The AP read back is what pycocotools computes from the run's detections, for the
         # training's own evaluation and for the extra one (on its own, larger images).
         assert_same_metrics(summary["results"]["harnet_shapes_val"][label]["5"],
-                            evaluate_with_pycocotools(val, os.path.join(
+                            pycocotools_box_ap(val, os.path.join(
                                 run_dir, "inference", "coco_instances_results.json")))
         eval_dir = os.path.join(run_dir, "eval", "2x")
         with open(os.path.join(eval_dir, "config.yaml")) as f:
             assert "IMAGE_SIZE:\n    - 128\n    - 128" in f.read()
-        assert_same_metrics(summary["results"]["2x"][label]["5"], evaluate_with_pycocotools(
+        assert_same_metrics(summary["results"]["2x"][label]["5"], pycocotools_box_ap(
             val2x, os.path.join(eval_dir, "inference", "coco_instances_results.json")))
     with open(os.path.join(eval_dir, "inference", "coco_instances_results.json")) as f:
         # Boxes in the 128-px images' coordinates (the network saw them resized to 64 px).

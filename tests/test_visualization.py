@@ -9,6 +9,7 @@ from harnet.engine.visualization import (
     merge_coincident_labels,
     overlay_mask,
 )
+from harnet_model_utils import iou_by_definition
 
 
 @pytest.mark.parametrize("stride,input_hw,output_hw", [(8, (64, 80), (128, 160)), (16, (50, 70), (40, 56))])
@@ -117,14 +118,6 @@ def test_attention_panel_in_rows():
     assert panel.shape == (2 * (40 + 18) + 4, 3 * 60 + 2 * 4, 3)
 
 
-def _iou_by_definition(a, b):
-    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = w * h
-    area = lambda r: (r[2] - r[0]) * (r[3] - r[1])  # noqa: E731
-    return inter / (area(a) + area(b) - inter)
-
-
 def test_coincident_detections_share_one_legible_label():
     # One object reported as "circle" and "square" on nearly the same box (IoU 0.95 / 0.92),
     # a third box elsewhere and a fourth overlapping the first by IoU ~0.6 (kept apart).
@@ -132,7 +125,7 @@ def test_coincident_detections_share_one_legible_label():
                       [10, 10, 50, 28], [11, 10, 50, 50]], dtype=np.float64)
     labels = ["circle 58%", "square 35%", "star 90%", "cross 20%", "ellipse 10%"]
     got = merge_coincident_labels(boxes, labels, iou_thresh=0.9)
-    assert _iou_by_definition(boxes[0], boxes[1]) >= 0.9 > _iou_by_definition(boxes[0], boxes[3])
+    assert iou_by_definition(boxes[0], boxes[1]) >= 0.9 > iou_by_definition(boxes[0], boxes[3])
     assert got == ["circle 58% | square 35% | ellipse 10%", "", "star 90%", "cross 20%", ""]
     # Drawn: the merged label is one text; the picture differs from drawing the
     # square alone where the label stands (above the box), and the boxes are all drawn.

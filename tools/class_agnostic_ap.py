@@ -23,6 +23,8 @@ from pycocotools.cocoeval import COCOeval
 
 __all__ = ["class_agnostic_ap"]
 
+METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # pycocotools' first six stats
+
 
 def class_agnostic_ap(gt: dict, detections: list) -> dict:
     """COCO box AP (%) of ``detections`` against ``gt`` with every category merged into one.
@@ -35,7 +37,7 @@ def class_agnostic_ap(gt: dict, detections: list) -> dict:
         dict: AP, AP50, AP75, APs, APm, APl (%), pycocotools' values (-100: no such boxes).
     """
     if not detections:  # pycocotools cannot load an empty result list
-        return dict.fromkeys(("AP", "AP50", "AP75", "APs", "APm", "APl"), 0.0)
+        return dict.fromkeys(METRICS, 0.0)
     gt = dict(gt, categories=[{"id": 1, "name": "object"}],
               annotations=[dict(a, category_id=1) for a in gt["annotations"]])
     detections = [dict(d, category_id=1) for d in detections]
@@ -47,7 +49,7 @@ def class_agnostic_ap(gt: dict, detections: list) -> dict:
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    return dict(zip(("AP", "AP50", "AP75", "APs", "APm", "APl"), (100 * v for v in ev.stats[:6])))
+    return dict(zip(METRICS, (100 * v for v in ev.stats[:6])))
 
 
 def _gt_path(args) -> str:

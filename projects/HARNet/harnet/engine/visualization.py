@@ -164,8 +164,8 @@ def merge_coincident_labels(boxes: np.ndarray, labels: Sequence[str], iou_thresh
     Returns:
         list[str]: N labels, "" for the boxes whose label was merged into another's.
     """
-    iou = box_iou(torch.as_tensor(boxes, dtype=torch.float64).reshape(-1, 4),
-                  torch.as_tensor(boxes, dtype=torch.float64).reshape(-1, 4))
+    xyxy = torch.as_tensor(boxes, dtype=torch.float64).reshape(-1, 4)
+    iou = box_iou(xyxy, xyxy)
     out, taken = list(labels), [False] * len(labels)
     for i in range(len(labels)):
         if taken[i]:

@@ -6,8 +6,7 @@ import torch
 
 from harnet.engine.visualization import (
     attention_panel, compose, display_scale, draw_detections, draw_ground_truth, mask_to_image,
-    merge_coincident_labels,
-    overlay_mask,
+    merge_coincident_labels, overlay_mask, place_label,
 )
 from harnet_model_utils import iou_by_definition
 
@@ -139,3 +138,50 @@ def test_coincident_detections_share_one_legible_label():
                             meta, 0.3, 4.0)
     assert both.shape == alone.shape == (400, 400, 3)
     assert not np.array_equal(both, alone)
+
+
+def _overlaps(a, b):
+    return min(a[2], b[2]) > max(a[0], b[0]) and min(a[3], b[3]) > max(a[1], b[1])
+
+
+def test_place_label_moves_into_the_picture_and_off_earlier_labels():
+    # Cut by the right border: shifted left just enough; by the left border: right.
+    assert place_label((90, 10, 130, 20), [], 100, 100) == (-30, 0)
+    assert place_label((-5, 10, 20, 20), [], 100, 100) == (5, 0)
+    # A free spot: unchanged.
+    assert place_label((10, 10, 40, 20), [(50, 10, 80, 20)], 100, 100) == (0, 0)
+    # On an earlier label: one label height down; with that taken too, one up.
+    assert place_label((10, 30, 40, 40), [(0, 30, 30, 40)], 100, 100) == (0, 10)
+    assert place_label((10, 30, 40, 40), [(0, 30, 30, 40), (0, 40, 30, 50)], 100, 100) == (0, -10)
+    # At the bottom: never below the picture.
+    dx, dy = place_label((10, 90, 40, 100), [(10, 90, 40, 100)], 100, 100)
+    assert dy < 0 and 90 + dy >= 0
+    # Nowhere free: stays, clamped into the picture.
+    assert place_label((10, 0, 40, 100), [(0, 0, 100, 100)], 100, 100) == (0, 0)
+
+
+def test_drawn_labels_stay_inside_and_apart():
+    # Ground truth of overlapping objects (an occluder on an occluded one: IoU < 0.9, so
+    # the labels are not merged) and a box at the right border: every label lies inside
+    # the picture and no two overlap, measured on matplotlib's own text extents.
+    from detectron2.data import Metadata
+    from detectron2.structures import BoxMode
+
+    from harnet.engine.visualization import _visualizer
+
+    meta = Metadata(name="_test_vis_place", thing_classes=["circle", "triangle", "square"])
+    img = np.zeros((128, 160, 3), np.uint8)
+    annos = [{"bbox": b, "bbox_mode": BoxMode.XYXY_ABS, "category_id": c} for b, c in [
+        ([10, 10, 70, 70], 0), ([12, 14, 60, 66], 1), ([14, 12, 50, 80], 2), ([150, 40, 160, 60], 2)]]
+    vis = _visualizer(img, meta, 3.0, 22.0)
+    vis.draw_dataset_dict({"annotations": annos})
+    rects = vis.label_rects
+    assert len(rects) == 4
+    for r in rects:
+        assert r[0] >= -1e-6 and r[2] <= 160 + 1e-6 and r[1] >= -1e-6 and r[3] <= 128 + 1e-6, r
+    for i in range(len(rects)):
+        for j in range(i):
+            assert not _overlaps(rects[i], rects[j]), (i, j, rects)
+    # The recorded rectangles are where matplotlib draws the texts.
+    drawn = [vis._extent(t) for t in vis.output.ax.texts]
+    np.testing.assert_allclose(np.array(drawn), np.array(rects), atol=1e-3)

@@ -57,6 +57,7 @@ model.head.input_shape = [ShapeSpec(channels=64)] * 5
 model.head.conv_dims = [64, 64]
 model.head.num_anchors = 6
 model.head.clgn_num_groups = 16
+model.head.clgn_last_norm_init = 1.0  # as the yaml (its comment says why)
 model.head.channel_hidden = 16
 model.num_classes = 6
 model.anchor_generator.sizes = [[12, 17], [24, 34], [48, 68], [96, 136], [192, 271]]

@@ -27,6 +27,7 @@ __all__ = [
     "draw_detections",
     "draw_ground_truth",
     "merge_coincident_labels",
+    "place_label",
     "display_scale",
     "compose",
     "image_inputs",
@@ -178,11 +179,55 @@ def merge_coincident_labels(boxes: np.ndarray, labels: Sequence[str], iou_thresh
     return out
 
 
+def _overlap(a: Sequence[float], b: Sequence[float]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def place_label(rect: Sequence[float], placed: Sequence[Sequence[float]], width: float,
+                height: float, max_steps: int = 6):
+    """The shift that moves a label into the picture and off the labels drawn before it.
+
+    Detectron2 puts a box's label at the box's corner; near the right border it is cut
+    off, and labels of overlapping boxes (one object occluding another) land on each other.
+    The label is first shifted left (or right) just enough to lie inside ``[0, width]``,
+    then down or up by whole label heights (0, +1, -1, +2, -2, ... ``max_steps``) to the
+    first place inside ``[0, height]`` that overlaps no rectangle of ``placed``; if none
+    is free, it stays at its (clamped) place.
+
+    Args:
+        rect (x0, y0, x1, y1): the label's rectangle, y downward (image coordinates).
+        placed (list of (x0, y0, x1, y1)): rectangles of the labels already drawn.
+        width, height (float): the picture's size, same units.
+        max_steps (int): most label heights to move in either direction.
+
+    Returns:
+        (dx, dy): the shift to add to the label's position.
+    """
+    x0, y0, x1, y1 = (float(v) for v in rect)
+    dx = max(min(0.0, width - x1), -x0)  # the left edge wins for labels wider than the image
+
+    def clamp(dy):
+        return max(min(dy, height - y1), -y0)
+
+    steps = [0] + [s * k for k in range(1, max_steps + 1) for s in (1, -1)]
+    for k in steps:
+        dy = clamp(k * (y1 - y0))
+        if not any(_overlap((x0 + dx, y0 + dy, x1 + dx, y1 + dy), p) for p in placed):
+            return dx, dy
+    return dx, clamp(0.0)
+
+
 class _ClassColourVisualizer(Visualizer):
     """Detectron2's ``Visualizer`` with ``ColorMode.SEGMENTATION``'s per-class colours
     drawn as they are: the stock one jitters each instance's colour (by up to 0.5 in RGB),
     and a class must look the same in the ground truth and in the detections. Labels of
-    coincident boxes are merged (:func:`merge_coincident_labels`) so that each stays legible."""
+    coincident boxes are merged (:func:`merge_coincident_labels`) so that each stays legible,
+    and every label is moved inside the picture and off the labels drawn before it
+    (:func:`place_label`)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.label_rects: List[List[float]] = []  # (x0, y0, x1, y1) of each drawn label
 
     def _jitter(self, color):
         return tuple(color)
@@ -196,7 +241,25 @@ class _ClassColourVisualizer(Visualizer):
     def draw_text(self, text, *args, **kwargs):
         if not text:  # a label merged into another box's
             return self.output
-        return super().draw_text(text, *args, **kwargs)
+        output = super().draw_text(text, *args, **kwargs)
+        artist = output.ax.texts[-1]
+        rect = self._extent(artist)
+        dx, dy = place_label(rect, self.label_rects, output.width, output.height)
+        x, y = artist.get_position()
+        artist.set_position((x + dx, y + dy))
+        self.label_rects.append([rect[0] + dx, rect[1] + dy, rect[2] + dx, rect[3] + dy])
+        return output
+
+    def _extent(self, artist) -> List[float]:
+        """The text's rectangle with its background box, in image coordinates (y down)."""
+        box = artist.get_window_extent(renderer=self.output.canvas.get_renderer())
+        # The label's dark background reaches "pad" points beyond the glyphs.
+        pad = 0.7 * self.output.dpi / 72.0
+        corners = self.output.ax.transData.inverted().transform(
+            [[box.x0 - pad, box.y0 - pad], [box.x1 + pad, box.y1 + pad]]
+        )
+        (xa, ya), (xb, yb) = corners
+        return [min(xa, xb), min(ya, yb), max(xa, xb), max(ya, yb)]
 
 
 def _visualizer(image: np.ndarray, metadata, scale: float, font_px: float) -> Visualizer:

@@ -202,3 +202,21 @@ def test_one_dilation_row_is_used_for_every_level():
     cfg = _tiny(**{"MODEL.HARNET.SPATIAL.DILATIONS": [[1, 3, 1]]})
     head = build_model(cfg).head
     assert [b.dilations for b in head.spatial_attention] == [(1, 3, 1)] * 5
+
+
+def test_demo_lazy_twin_builds_the_same_model_and_initial_norms():
+    # The demo's yaml and LazyConfig build the same parameters, and the constant-initialised
+    # ones (every norm's weight and bias, the CLGN last scale 1.0 among them) start equal.
+    yaml_cfg = har_cfg(os.path.join("demo", "har_R18_shapes_demo.yaml"), tiny=False)
+    from_yaml = build_model(yaml_cfg)
+    from_lazy = instantiate(
+        LazyConfig.load(os.path.join(CONFIG_DIR, "demo", "har_R18_shapes_demo.py")).model
+    )
+    a, b = from_yaml.state_dict(), from_lazy.state_dict()
+    assert list(a) == list(b) and all(a[k].shape == b[k].shape for k in a)
+    norms = [k for k in a if "norm" in k and k.endswith((".weight", ".bias"))]
+    assert any(k.startswith("head.cls_subnet_norm") for k in norms)
+    for k in norms:
+        assert torch.equal(a[k], b[k]), k
+    assert yaml_cfg.MODEL.HARNET.CLGN.LAST_NORM_INIT == 1.0
+    assert torch.all(from_yaml.head.cls_subnet_norm[-1].weight == 1.0)

@@ -171,8 +171,9 @@ def test_drawn_labels_stay_inside_and_apart():
 
     meta = Metadata(name="_test_vis_place", thing_classes=["circle", "triangle", "square"])
     img = np.zeros((128, 160, 3), np.uint8)
-    annos = [{"bbox": b, "bbox_mode": BoxMode.XYXY_ABS, "category_id": c} for b, c in [
-        ([10, 10, 70, 70], 0), ([12, 14, 60, 66], 1), ([14, 12, 50, 80], 2), ([150, 40, 160, 60], 2)]]
+    boxes = [[10, 10, 70, 70], [12, 14, 60, 66], [14, 12, 50, 80], [150, 40, 160, 60]]
+    annos = [{"bbox": b, "bbox_mode": BoxMode.XYXY_ABS, "category_id": c}
+             for b, c in zip(boxes, [0, 1, 2, 2])]
     vis = _visualizer(img, meta, 3.0, 22.0)
     vis.draw_dataset_dict({"annotations": annos})
     rects = vis.label_rects
@@ -185,3 +186,20 @@ def test_drawn_labels_stay_inside_and_apart():
     # The recorded rectangles are where matplotlib draws the texts.
     drawn = [vis._extent(t) for t in vis.output.ax.texts]
     np.testing.assert_allclose(np.array(drawn), np.array(rects), atol=1e-3)
+
+
+def test_merged_label_wider_than_the_picture_is_wrapped_inside_it():
+    from detectron2.data import Metadata
+
+    from harnet.engine.visualization import _visualizer
+
+    meta = Metadata(name="_test_vis_wrap", thing_classes=["ellipse", "triangle", "circle"])
+    img = np.zeros((60, 60, 3), np.uint8)
+    inst = _instances([[5, 5, 55, 55], [5, 5, 55, 56], [5, 5, 56, 55]], [0, 1, 2],
+                      [0.38, 0.35, 0.33], (60, 60))
+    vis = _visualizer(img, meta, 4.0, 22.0)
+    vis.draw_instance_predictions(inst)
+    (rect,) = vis.label_rects
+    assert rect[0] >= -1e-6 and rect[2] <= 60 + 1e-6, rect
+    (text,) = [t.get_text() for t in vis.output.ax.texts]
+    assert text.split("\n") == ["ellipse 38%", "triangle 35%", "circle 33%"]

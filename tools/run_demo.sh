@@ -8,8 +8,8 @@
 #   tools/run_demo.sh                         # outputs in output/demo
 #   HARNET_DEMO_OUTPUT=/tmp/demo tools/run_demo.sh SOLVER.MAX_ITER 100   # extra overrides
 #
-# Training is 2200 iterations: 8.9 minutes at the 0.243 s/iter a fresh clone measured on
-# 2 idle CPU cores, 10 minutes for the whole script (README "Demo"); a loaded machine
+# Training is 2200 iterations: 8.75 minutes at the 0.239 s/iter a fresh clone measured on
+# 2 idle CPU cores, 9 min 56 s for the whole script (README "Demo"); a loaded machine
 # takes longer.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

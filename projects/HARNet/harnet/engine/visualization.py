@@ -223,7 +223,7 @@ class _ClassColourVisualizer(Visualizer):
     and a class must look the same in the ground truth and in the detections. Labels of
     coincident boxes are merged (:func:`merge_coincident_labels`) so that each stays legible,
     and every label is moved inside the picture and off the labels drawn before it
-    (:func:`place_label`)."""
+    (:func:`place_label`); a merged label wider than the picture gets one line per class."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -244,6 +244,10 @@ class _ClassColourVisualizer(Visualizer):
         output = super().draw_text(text, *args, **kwargs)
         artist = output.ax.texts[-1]
         rect = self._extent(artist)
+        if rect[2] - rect[0] > output.width and " | " in text:
+            # A merged label wider than the picture: one class per line.
+            artist.set_text(text.replace(" | ", "\n"))
+            rect = self._extent(artist)
         dx, dy = place_label(rect, self.label_rects, output.width, output.height)
         x, y = artist.get_position()
         artist.set_position((x + dx, y + dy))

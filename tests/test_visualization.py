@@ -156,8 +156,13 @@ def test_place_label_moves_into_the_picture_and_off_earlier_labels():
     # At the bottom: never below the picture.
     dx, dy = place_label((10, 90, 40, 100), [(10, 90, 40, 100)], 100, 100)
     assert dy < 0 and 90 + dy >= 0
-    # Nowhere free: stays, clamped into the picture.
-    assert place_label((10, 0, 40, 100), [(0, 0, 100, 100)], 100, 100) == (0, 0)
+    # Nowhere free: where it overlaps least, the nearest of equals (the upper half is
+    # covered across the label's width, the lower half only over x < 25).
+    placed = [(0, 0, 100, 50), (0, 50, 25, 100)]
+    assert place_label((10, 20, 40, 30), placed, 100, 100) == (0, 30)
+    # A crowded column: the first free place may be many label heights away.
+    column = [(0, y, 100, y + 10) for y in range(0, 80, 10)]
+    assert place_label((10, 30, 40, 40), column, 100, 100) == (0, 50)
 
 
 def test_drawn_labels_stay_inside_and_apart():

@@ -179,42 +179,44 @@ def merge_coincident_labels(boxes: np.ndarray, labels: Sequence[str], iou_thresh
     return out
 
 
-def _overlap(a: Sequence[float], b: Sequence[float]) -> bool:
-    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+def _overlap_area(a: Sequence[float], b: Sequence[float]) -> float:
+    return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
 
 
 def place_label(rect: Sequence[float], placed: Sequence[Sequence[float]], width: float,
-                height: float, max_steps: int = 6):
+                height: float):
     """The shift that moves a label into the picture and off the labels drawn before it.
 
     Detectron2 puts a box's label at the box's corner; near the right border it is cut
     off, and labels of overlapping boxes (one object occluding another) land on each other.
     The label is first shifted left (or right) just enough to lie inside ``[0, width]``,
-    then down or up by whole label heights (0, +1, -1, +2, -2, ... ``max_steps``) to the
-    first place inside ``[0, height]`` that overlaps no rectangle of ``placed``; if none
-    is free, it stays at its (clamped) place.
+    then down or up by whole label heights (0, +1, -1, +2, -2, ..., as far as the picture
+    reaches) to the first place inside ``[0, height]`` that overlaps no rectangle of
+    ``placed``; if every place overlaps, to the one with the least overlapping area (the
+    nearest of equals).
 
     Args:
         rect (x0, y0, x1, y1): the label's rectangle, y downward (image coordinates).
         placed (list of (x0, y0, x1, y1)): rectangles of the labels already drawn.
         width, height (float): the picture's size, same units.
-        max_steps (int): most label heights to move in either direction.
 
     Returns:
         (dx, dy): the shift to add to the label's position.
     """
     x0, y0, x1, y1 = (float(v) for v in rect)
     dx = max(min(0.0, width - x1), -x0)  # the left edge wins for labels wider than the image
-
-    def clamp(dy):
-        return max(min(dy, height - y1), -y0)
-
-    steps = [0] + [s * k for k in range(1, max_steps + 1) for s in (1, -1)]
+    step = max(y1 - y0, 1e-6)
+    steps = [0] + [s * k for k in range(1, int(height / step) + 2) for s in (1, -1)]
+    best = None
     for k in steps:
-        dy = clamp(k * (y1 - y0))
-        if not any(_overlap((x0 + dx, y0 + dy, x1 + dx, y1 + dy), p) for p in placed):
+        dy = max(min(k * step, height - y1), -y0)  # inside the picture (top edge wins)
+        moved = (x0 + dx, y0 + dy, x1 + dx, y1 + dy)
+        area = sum(_overlap_area(moved, p) for p in placed)
+        if area == 0.0:
             return dx, dy
-    return dx, clamp(0.0)
+        if best is None or area < best[0]:
+            best = (area, dy)
+    return dx, best[1]
 
 
 class _ClassColourVisualizer(Visualizer):

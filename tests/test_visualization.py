@@ -140,10 +140,6 @@ def test_coincident_detections_share_one_legible_label():
     assert not np.array_equal(both, alone)
 
 
-def _overlaps(a, b):
-    return min(a[2], b[2]) > max(a[0], b[0]) and min(a[3], b[3]) > max(a[1], b[1])
-
-
 def test_place_label_moves_into_the_picture_and_off_earlier_labels():
     # Cut by the right border: shifted left just enough; by the left border: right.
     assert place_label((90, 10, 130, 20), [], 100, 100) == (-30, 0)
@@ -187,7 +183,7 @@ def test_drawn_labels_stay_inside_and_apart():
         assert r[0] >= -1e-6 and r[2] <= 160 + 1e-6 and r[1] >= -1e-6 and r[3] <= 128 + 1e-6, r
     for i in range(len(rects)):
         for j in range(i):
-            assert not _overlaps(rects[i], rects[j]), (i, j, rects)
+            assert iou_by_definition(rects[i], rects[j]) == 0.0, (i, j, rects)
     # The recorded rectangles are where matplotlib draws the texts.
     drawn = [vis._extent(t) for t in vis.output.ax.texts]
     np.testing.assert_allclose(np.array(drawn), np.array(rects), atol=1e-3)

@@ -1,5 +1,6 @@
 """tools/compare_variants.py: variants of one config trained under
 the same schedule over seeds, their COCO AP tabulated against a baseline."""
+from harnet_model_utils import REPO
 import glob
 import json
 import math
@@ -217,7 +218,7 @@ def test_every_variant_is_checked_before_any_run(tmp_path, monkeypatch):
 def _benchmark_main():
     import importlib.util
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "benchmark.py")
+    path = os.path.join(REPO, "tools", "benchmark.py")
     spec = importlib.util.spec_from_file_location("harnet_tools_benchmark", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

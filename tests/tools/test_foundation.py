@@ -1,5 +1,6 @@
 """The installed environment: harnet registers itself, Detectron2 works, the _C fallback
 is honest about what it implements."""
+from harnet_model_utils import REPO
 import importlib.util
 import os
 import subprocess
@@ -163,7 +164,7 @@ def test_detectron2_retinanet_r50_trains_and_infers_on_cpu():
 
 def test_installer_module_does_not_import_detectron2():
     """The installer must run before Detectron2 exists (setup_env.sh runs it as a script)."""
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools",
+    path = os.path.join(REPO, "tools",
                         "install_detectron2.py")
     code = (
         "import sys, runpy; sys.modules['detectron2'] = None; "

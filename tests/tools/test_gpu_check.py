@@ -1,6 +1,7 @@
 """tools/gpu_check.py: its CPU mode end to end (``--cpu --quick``, so the GPU check is
 exercised on every CI run), and its helpers against hand-made cases."""
 
+from harnet_model_utils import REPO
 import importlib.util
 import json
 import os
@@ -10,7 +11,6 @@ import sys
 import pytest
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "tools", "gpu_check.py")
 
 

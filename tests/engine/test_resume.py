@@ -5,6 +5,7 @@ The dataset is large enough that the order matters (40 images of mixed aspect ra
 epoch = 10 iterations), with multi-scale resizing and flips, so a loader that restarts at
 its first batch (Detectron2's) or reseeds its augmentations gives other weights.
 """
+from harnet_model_utils import REPO
 import os
 
 import numpy as np
@@ -21,7 +22,7 @@ from harnet.data.samplers import ResumableTrainLoader, item_seed
 from harnet.engine import HARNetTrainer, argument_parser
 from harnet.engine.defaults import build_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = REPO
 DEMO_YAML = os.path.join(ROOT, "configs", "HARNet", "demo", "har_R18_shapes_demo.yaml")
 
 

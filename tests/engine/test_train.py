@@ -4,6 +4,7 @@ trainer, the two-step driver, the visualiser) on a tiny built-in shapes dataset.
 Everything is the CPU demo config shrunk by command-line overrides: 64 px images, a few
 images, a few iterations.
 """
+from harnet_model_utils import REPO
 import json
 import os
 
@@ -18,7 +19,7 @@ from harnet.engine import HARNetTrainer, argument_parser, main
 from harnet.engine.defaults import build_config
 from harnet_model_utils import write_coco
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = REPO
 DEMO_YAML = os.path.join(ROOT, "configs", "HARNet", "demo", "har_R18_shapes_demo.yaml")
 DEMO_PY = os.path.join(ROOT, "configs", "HARNet", "demo", "har_R18_shapes_demo.py")
 BBOX_KEYS = {"AP", "AP50", "AP75", "APs", "APm", "APl"}

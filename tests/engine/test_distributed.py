@@ -12,6 +12,7 @@ Equivalence: 2 processes with 1 image each must give the first iteration's loss 
   1/world_size: then every worker divides by (single-process normaliser) / world_size and
   DDP's gradient averaging yields exactly the single-process gradient.
 """
+from harnet_model_utils import REPO
 import os
 
 import pytest
@@ -29,7 +30,7 @@ from harnet.data import register_shapes_from_cfg
 from harnet.engine import HARNetTrainer, argument_parser, launch_cpu, launch_from_args, main
 from harnet.modeling import HARRetinaNet
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = REPO
 DEMO_YAML = os.path.join(ROOT, "configs", "HARNet", "demo", "har_R18_shapes_demo.yaml")
 
 

@@ -2,6 +2,7 @@
 offers: a bad HARNET_D2_SOURCE is an error naming it; collect_env names the version; both
 versions import detectron2.export (upstream guards its caffe2 import, the fallback install
 patches 0.6 the same way)."""
+from harnet_model_utils import REPO
 import importlib.util
 import io
 import os
@@ -13,7 +14,7 @@ import pytest
 
 from harnet.collect_env import _describe_distribution
 
-INSTALL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools",
+INSTALL = os.path.join(REPO, "tools",
                        "install_detectron2.py")
 _spec = importlib.util.spec_from_file_location("install_detectron2_under_test", INSTALL)
 install = importlib.util.module_from_spec(_spec)
@@ -63,7 +64,7 @@ def test_archive_without_tree_is_named(tmp_path):
 
 
 def test_setup_env_names_missing_source(tmp_path):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = REPO
     missing = tmp_path / "d2.tar.gz"
     r = subprocess.run(["bash", os.path.join(root, "tools", "setup_env.sh")], capture_output=True,
                        text=True, env=dict(os.environ, HARNET_D2_SOURCE=str(missing),

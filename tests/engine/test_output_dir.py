@@ -1,5 +1,6 @@
 """What a run writes into OUTPUT_DIR: HARNet's own log lines reach log.txt, and one training
 at a time holds the folder (a killed run's lock does not block --resume)."""
+from harnet_model_utils import REPO
 import logging
 import os
 import signal
@@ -14,7 +15,7 @@ from harnet.engine import argument_parser, main
 from harnet.engine.defaults import build_config, lock_output_dir, setup
 from harnet.engine.lock import LOCK_FILE, OutputDirInUseError, OutputDirLock
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = REPO
 DEMO_YAML = os.path.join(ROOT, "configs", "HARNet", "demo", "har_R18_shapes_demo.yaml")
 
 

@@ -3,6 +3,7 @@ for a dataset, detections alone for --input images); on bad input: a folder with
 corrupt image (the others are drawn, the failure is listed, exit status 1), a dataset with
 fewer class names than the model (labels by class index, the mismatch named), and a
 config whose training/test datasets do not exist here (not needed to draw given images)."""
+from harnet_model_utils import REPO
 import importlib.util
 import json
 import logging
@@ -14,7 +15,7 @@ import pytest
 
 import harnet  # noqa: F401
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = REPO
 
 
 def _tool():

@@ -179,7 +179,7 @@ def test_chunked_pairs_give_the_same_result():
 
 
 def dense_scene(n, num_classes, seed):
-    """Crowded-scene candidates (as tools/benchmark_postprocess.py's dense case)."""
+    """Crowded-scene candidates (as dev/benchmark_postprocess.py's dense case)."""
     g = torch.Generator().manual_seed(seed)
     num_clusters = max(1, n // 20)
     centres = torch.rand(num_clusters, 2, generator=g) * torch.tensor([1333.0, 800.0])

@@ -131,7 +131,7 @@ def test_batched_matches_slow_definition(method, backend):
 
 
 def dense_scene(n, num_classes=1, seed=0, dtype=torch.float32):
-    """Candidates of a crowded scene (as tools/benchmark_postprocess.py's dense case): a
+    """Candidates of a crowded scene (as dev/benchmark_postprocess.py's dense case): a
     1333 x 800 image, clusters of ~20 boxes, centres jittered by N(0, 15 px), sides
     log-uniform in [20, 300] px, scores U(0.05, 1)."""
     g = torch.Generator().manual_seed(seed)

@@ -2,7 +2,7 @@
 documented way), also under autocast and with non-contiguous inputs.
 
 On the CPU: float64 and bfloat16 tensors, CPU autocast (bfloat16), strided / channels-last
-inputs. The tests marked for CUDA run on a GPU (tools/gpu_check.py runs them there): CUDA
+inputs. The tests marked for CUDA run on a GPU (dev/gpu_check.py runs them there): CUDA
 tensors and CUDA autocast (float16).
 
 What autocast does to each attention module's output follows from its last op

@@ -1,4 +1,4 @@
-"""tools/count_host_syncs.py: the counter sees the syncs it claims to see, and HARNet's own
+"""dev/count_host_syncs.py: the counter sees the syncs it claims to see, and HARNet's own
 code adds none to Detectron2's inference with hard NMS and at most a few per image with
 soft-NMS + voting (the CUDA audit's fixes, docs/cuda_audit.md, kept)."""
 

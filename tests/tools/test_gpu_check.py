@@ -1,4 +1,4 @@
-"""tools/gpu_check.py: its CPU mode end to end (``--cpu --quick``, so the GPU check is
+"""dev/gpu_check.py: its CPU mode end to end (``--cpu --quick``, so the GPU check is
 exercised on every CI run), and its helpers against hand-made cases."""
 
 from harnet_model_utils import REPO

@@ -1,5 +1,5 @@
 """Cost analysis of RetinaNet-style models (library code of ``tools/analyze_model.py`` and
-``tools/benchmark.py``): the dense forward that FLOPs are counted on, and the count.
+``dev/benchmark.py``): the dense forward that FLOPs are counted on, and the count.
 
 FLOPs follow fvcore / Detectron2: one multiply-add = one flop, element-wise ops ignored.
 The deformable convs of the aligned attention are counted like regular convs of the same

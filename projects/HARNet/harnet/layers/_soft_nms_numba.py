@@ -5,7 +5,7 @@ one pass over the category's remaining boxes decays them by the kept box, drops 
 below the threshold, compacts the rest and finds the next best. The work is O(N x kept)
 IoUs with no per-step tensor-op overhead: a dense single-category scene of 1000 boxes
 needs about 900 steps, a few milliseconds here against ~100 ms of tensor ops per step
-(``tools/benchmark_postprocess.py``). Arithmetic in float64 and multiplicative decays, as
+(``dev/benchmark_postprocess.py``). Arithmetic in float64 and multiplicative decays, as
 in the definition.
 
 numba is optional: :func:`available` is False without it (or with

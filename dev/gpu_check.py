@@ -22,7 +22,7 @@ On one GPU (default; at most about 8 minutes) it runs, in this order:
    ``torch.cuda.max_memory_allocated``), with ratios.
 5. ``postprocess``: ``batched_nms`` (baseline), soft-NMS, box voting and
    ``suppress_detections`` on a COCO-like and a dense single-class candidate set (the
-   generators of ``tools/benchmark_postprocess.py``).
+   generators of ``dev/benchmark_postprocess.py``).
 
 ``--cpu --quick`` runs the same steps on the CPU at tiny sizes (ResNet-18 with a 32-channel
 FPN, 64x96 images, batches 2 and 4, 4 training iterations) in a few minutes;
@@ -41,13 +41,13 @@ tests/test_gpu_check.py runs it. What the CPU mode compares, where there is no G
 Targets reported (GPU only): HAR-Net / RetinaNet training time <= 1.35 (FLOPs ratio 1.30),
 inference time <= 1.30, Gaussian soft-NMS on the COCO-like set <= 1 ms.
 
-tools/benchmark.py (model building, random inputs, timed steps) and
-tools/benchmark_postprocess.py (candidate generators) are imported by file path with
+dev/benchmark.py (model building, random inputs, timed steps) and
+dev/benchmark_postprocess.py (candidate generators) are imported by file path with
 importlib: tools/ is not a package.
 
 Examples:
-    python tools/gpu_check.py --out gpu_check_out
-    python tools/gpu_check.py --cpu --quick --out /tmp/gpu_check
+    python dev/gpu_check.py --out gpu_check_out
+    python dev/gpu_check.py --cpu --quick --out /tmp/gpu_check
 """
 
 import argparse
@@ -1101,7 +1101,7 @@ def render_markdown(report):
             lines.append(
                 f"| {name} | {r['check']} | {_fmt(r['value'])} | {_fmt(r['limit'])} | {ok} |"
             )
-    lines += ["", "Command: python tools/gpu_check.py " + " ".join(report["argv"])]
+    lines += ["", "Command: python dev/gpu_check.py " + " ".join(report["argv"])]
     return "\n".join(lines) + "\n"
 
 

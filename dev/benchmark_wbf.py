@@ -11,8 +11,8 @@ confusable categories, and low-scoring false positives (also shared, jittered pe
 ``one class`` puts every detection in one category: the longest sequential chain, the
 worst case of the greedy loop (one step per box).
 
-  python tools/benchmark_wbf.py                       # 3 views x 100 detections, CPU (+ GPU)
-  python tools/benchmark_wbf.py --repeats 50 --views 6
+  python dev/benchmark_wbf.py                       # 3 views x 100 detections, CPU (+ GPU)
+  python dev/benchmark_wbf.py --repeats 50 --views 6
 
 Prints a markdown table: the fastest and the median of the repeats in milliseconds per
 merge (on a machine shared with other jobs the minimum is the steadier figure), and each

@@ -9,8 +9,8 @@ boolean-mask ``index`` / ``index_put``, and ``Tensor.tolist()`` / ``.cpu()`` / `
 On a GPU, ``torch.cuda.set_sync_debug_mode("warn")`` reports the same points; this tool
 shows them where no GPU is at hand (docs/cuda_audit.md).
 
-    python tools/count_host_syncs.py                      # the CPU demo config, 2 images
-    python tools/count_host_syncs.py --config-file configs/HARNet/har_R_50_FPN_1x.yaml \\
+    python dev/count_host_syncs.py                      # the CPU demo config, 2 images
+    python dev/count_host_syncs.py --config-file configs/HARNet/har_R_50_FPN_1x.yaml \\
         --size 256 320 MODEL.DEVICE cpu
 """
 

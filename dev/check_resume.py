@@ -18,7 +18,7 @@ optimises Detectron2's scripted box transform after its first calls, which chang
 last bits of a fresh process's first iterations (two uninterrupted runs agree only to
 ~1e-5 with it).
 
-    python tools/check_resume.py --procs 1 2
+    python dev/check_resume.py --procs 1 2
 """
 import argparse
 import os

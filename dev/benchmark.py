@@ -23,11 +23,11 @@ training iteration (SGD step included).
   exactly what their arithmetic costs; the target for HAR-Net on CPU is <= 1.1).
 
 Examples:
-    python tools/benchmark.py                                   # 800x1333, CPU or GPU
-    python tools/benchmark.py --size 512 640 --iters 3 --out bench.md
-    python tools/benchmark.py --configs base=configs/HARNet/har_R_50_FPN_1x_baseline.yaml \\
+    python dev/benchmark.py                                   # 800x1333, CPU or GPU
+    python dev/benchmark.py --size 512 640 --iters 3 --out bench.md
+    python dev/benchmark.py --configs base=configs/HARNet/har_R_50_FPN_1x_baseline.yaml \\
         full=configs/HARNet/har_R_50_FPN_1x.yaml --skip-train --skip-memory --profile 15
-    python tools/benchmark.py --size 256 320 MODEL.RESNETS.DEPTH 18 MODEL.RESNETS.RES2_OUT_CHANNELS 64
+    python dev/benchmark.py --size 256 320 MODEL.RESNETS.DEPTH 18 MODEL.RESNETS.RES2_OUT_CHANNELS 64
 """
 
 import argparse
@@ -469,7 +469,7 @@ def main(argv=None):
         "",
         LEGEND,
         "",
-        "Command: python tools/benchmark.py "
+        "Command: python dev/benchmark.py "
         + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
     ]
     not_counted = {

@@ -4,7 +4,7 @@ the budget a log-linear fit puts on a target AP.
 
     python train_net.py --config-file configs/HARNet/demo/har_R18_shapes_demo.yaml \\
         OUTPUT_DIR output/demo_curve SOLVER.MAX_ITER 2700 TEST.EVAL_PERIOD 300
-    python tools/demo_ap_curve.py output/demo_curve --target 20 --plot curve.png
+    python dev/demo_ap_curve.py output/demo_curve --target 20 --plot curve.png
 
 Reads OUTPUT_DIR/metrics.json (Detectron2's JSONWriter): every "bbox/AP" row is one
 evaluation; training seconds at an evaluation = the sum of the logged per-iteration

@@ -14,9 +14,9 @@ in exported models), eager and TorchScript-compiled.
 the post-processing (``model.suppress``) in the CPU inference time, and the time of
 single-scale vs double-scale vs double-scale + flip TTA.
 
-  python tools/benchmark_postprocess.py ops --repeats 20
-  python tools/benchmark_postprocess.py ops --threads 1 --cases 4 5 6 --fallback
-  python tools/benchmark_postprocess.py model --config-file configs/HARNet/har_R_50_FPN_1x.yaml
+  python dev/benchmark_postprocess.py ops --repeats 20
+  python dev/benchmark_postprocess.py ops --threads 1 --cases 4 5 6 --fallback
+  python dev/benchmark_postprocess.py model --config-file configs/HARNet/har_R_50_FPN_1x.yaml
 
 Both print markdown tables (median milliseconds; ratios against the baseline measured in
 the same run).

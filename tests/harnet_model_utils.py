@@ -6,10 +6,11 @@ import json
 import os
 
 import numpy as np
+import yaml
 import torch
 from PIL import Image
 
-from detectron2.config import get_cfg
+from detectron2.config import CfgNode, get_cfg
 from detectron2.structures import Boxes, Instances
 
 import harnet
@@ -20,24 +21,43 @@ CONFIG_DIR = os.path.join(REPO, "configs", "HARNet")
 SWITCHES = ("ALIGN", "CLGN", "SPATIAL", "CHANNEL")
 
 
+# The one tiny model of the tests: ResNet-18 with a 16-channel stem, 32-channel FPN, one
+# conv per head tower, narrow attention blocks. Yaml so that tests of the train_net path can
+# write it into a config file; tiny_cfg / make_tiny merge the same text.
+TINY_MODEL_YAML = """
+MODEL:
+  DEVICE: "cpu"
+  WEIGHTS: ""
+  RESNETS: {DEPTH: 18, RES2_OUT_CHANNELS: 64, STEM_OUT_CHANNELS: 16}
+  FPN: {OUT_CHANNELS: 32}
+  RETINANET: {NUM_CONVS: 1, NUM_CLASSES: 3}
+  HARNET:
+    ALIGN: {MID_CHANNELS: [32], NORM_GROUPS: 8}
+    CLGN: {NUM_GROUPS: 8}
+    SPATIAL: {CHANNELS: 8}
+    CHANNEL: {HIDDEN: 8}
+"""
+
+
+def _merge_tiny_model(cfg):
+    tiny = CfgNode(yaml.safe_load(TINY_MODEL_YAML))
+    if "HARNET" not in cfg.MODEL:
+        del tiny.MODEL["HARNET"]
+    cfg.merge_from_other_cfg(tiny)
+    return cfg
+
+
 def make_tiny(cfg):
-    """Shrink a (HARNet or RetinaNet) config in place to a ResNet-18 / 32-channel model."""
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.WEIGHTS = ""
-    cfg.MODEL.RESNETS.DEPTH = 18
-    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
-    cfg.MODEL.FPN.OUT_CHANNELS = 32
-    cfg.MODEL.RETINANET.NUM_CLASSES = 3
-    # Low threshold and few candidates: randomly initialised models still detect something.
+    """Shrink a (HARNet or RetinaNet) config in place to the tiny model, keeping Detectron2's
+    stem and 4-conv head towers (the tests that compare against Detectron2's RetinaNet use
+    perturbed weights, with which the 1-conv towers regress boxes off the image), and with
+    test-time settings under which a randomly initialised model still detects something."""
+    _merge_tiny_model(cfg)
+    cfg.MODEL.RESNETS.STEM_OUT_CHANNELS = 64
+    cfg.MODEL.RETINANET.NUM_CONVS = 4
     cfg.MODEL.RETINANET.SCORE_THRESH_TEST = 0.0
     cfg.MODEL.RETINANET.TOPK_CANDIDATES_TEST = 30
     cfg.TEST.DETECTIONS_PER_IMAGE = 20
-    if "HARNET" in cfg.MODEL:
-        cfg.MODEL.HARNET.ALIGN.MID_CHANNELS = [32]
-        cfg.MODEL.HARNET.ALIGN.NORM_GROUPS = 8
-        cfg.MODEL.HARNET.CLGN.NUM_GROUPS = 8
-        cfg.MODEL.HARNET.SPATIAL.CHANNELS = 8
-        cfg.MODEL.HARNET.CHANNEL.HIDDEN = 8
     return cfg
 
 
@@ -147,24 +167,12 @@ def tiny_cfg(meta_arch="RetinaNet", num_classes=3, config_file="Base-HARNet.yaml
     harnet.add_harnet_config(cfg)
     if meta_arch == "HARRetinaNet":
         cfg.merge_from_file(os.path.join(CONFIG_DIR, config_file))
-        h = cfg.MODEL.HARNET
-        h.ALIGN.MID_CHANNELS = [32]
-        h.ALIGN.NORM_GROUPS = 8
-        h.CLGN.NUM_GROUPS = 8
-        h.SPATIAL.CHANNELS = 8
-        h.CHANNEL.HIDDEN = 8
     else:
         cfg.MODEL.META_ARCHITECTURE = meta_arch
         cfg.MODEL.BACKBONE.NAME = "build_retinanet_resnet_fpn_backbone"
         cfg.MODEL.RESNETS.OUT_FEATURES = ["res3", "res4", "res5"]
         cfg.MODEL.FPN.IN_FEATURES = ["res3", "res4", "res5"]
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.WEIGHTS = ""
-    cfg.MODEL.RESNETS.DEPTH = 18
-    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
-    cfg.MODEL.RESNETS.STEM_OUT_CHANNELS = 16
-    cfg.MODEL.FPN.OUT_CHANNELS = 32
-    cfg.MODEL.RETINANET.NUM_CONVS = 1
+    _merge_tiny_model(cfg)
     cfg.MODEL.RETINANET.NUM_CLASSES = num_classes
     cfg.INPUT.MIN_SIZE_TRAIN = (32,)
     cfg.INPUT.MAX_SIZE_TRAIN = 1000

@@ -16,19 +16,10 @@ from detectron2.modeling import build_model
 from harnet.config_checks import check_harnet_config
 from harnet.engine import argument_parser, two_step_configs
 from harnet.engine.defaults import build_config
-from harnet_model_utils import CONFIG_DIR, set_keys, tiny_cfg, write_coco
+from harnet_model_utils import CONFIG_DIR, TINY_MODEL_YAML, set_keys, tiny_cfg, write_coco
 
-# A tiny model that the train_net path can build quickly; datasets that exist here.
-_TINY = """
-MODEL:
-  RESNETS: {DEPTH: 18, RES2_OUT_CHANNELS: 64, STEM_OUT_CHANNELS: 16}
-  FPN: {OUT_CHANNELS: 32}
-  RETINANET: {NUM_CONVS: 1, NUM_CLASSES: 3}
-  HARNET:
-    ALIGN: {MID_CHANNELS: [32], NORM_GROUPS: 8}
-    CLGN: {NUM_GROUPS: 8}
-    SPATIAL: {CHANNELS: 8}
-    CHANNEL: {HIDDEN: 8}
+# The tests' tiny model, with datasets that exist here.
+_TINY = TINY_MODEL_YAML + """
 DATASETS:
   TRAIN: ("harnet_shapes_train",)
   TEST: ("harnet_shapes_val",)
@@ -198,7 +189,7 @@ def test_check_harnet_config_accepts_shipped_configs(config_file):
     check_harnet_config(cfg)
 
 
-# --- issue 17: every mistake named before any work ------------------------------------
+# --- every mistake named before any work ------------------------------------
 DEMO_PY = os.path.join(CONFIG_DIR, "demo", "har_R18_shapes_demo.py")
 
 

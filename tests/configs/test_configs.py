@@ -7,6 +7,8 @@ import os
 
 import pytest
 import torch
+import yaml
+from fvcore.common.config import CfgNode
 
 from detectron2 import model_zoo
 from detectron2.config import LazyConfig, get_cfg, instantiate
@@ -19,12 +21,33 @@ from harnet_model_utils import CONFIG_DIR, har_cfg, losses_of, make_inputs, pert
 _single_thread = pytest.fixture(scope="module", autouse=True)(single_thread)
 
 YAMLS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(CONFIG_DIR, "*.yaml")))
+# Every config file of the repository, LazyConfig twins and the demo's included.
+ALL_CONFIGS = sorted(
+    os.path.relpath(p, CONFIG_DIR)
+    for ext in ("yaml", "py")
+    for p in glob.glob(os.path.join(CONFIG_DIR, "**", "*." + ext), recursive=True)
+)
 
 
 def _full_size(config_file):
     cfg = har_cfg(config_file, tiny=False)
     cfg.MODEL.DEVICE = "cpu"
     return cfg
+
+
+@pytest.mark.parametrize("config_file", ALL_CONFIGS)
+def test_config_loads_safely_and_builds_its_model(config_file):
+    # yacs files: plain yaml.safe_load, and fvcore's loader with unsafe yaml tags refused
+    # along the whole _BASE_ chain (so no "Your machine may be at risk" warning on any run).
+    path = os.path.join(CONFIG_DIR, config_file)
+    if config_file.endswith(".yaml"):
+        with open(path) as f:
+            assert isinstance(yaml.safe_load(f), dict)
+        CfgNode.load_yaml_with_base(path, allow_unsafe=False)
+        model = build_model(_full_size(config_file))
+    else:
+        model = instantiate(LazyConfig.load(path).model)
+    assert isinstance(model, HARRetinaNet)
 
 
 def test_expected_configs_exist():

@@ -214,7 +214,7 @@ def test_get_optimizer_params_without_factors_equals_detectron2():
     assert as_sets(ours) == as_sets(theirs)
 
 
-# --- issue 17: unreadable checkpoints named, stale partial writes removed --------------
+# --- unreadable checkpoints named, stale partial writes removed --------------
 def _bad_checkpoints(folder):
     """name -> (bytes, words the error must hold)."""
     import io

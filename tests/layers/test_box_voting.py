@@ -242,7 +242,7 @@ def test_empty_inputs_and_dtypes():
     assert boxes.dtype == torch.float16 and scores.dtype == torch.float16
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.cuda
 @pytest.mark.parametrize("scoring", ["max", "caffe"])
 def test_gpu_matches_cpu(scoring):
     kept, ks = CANDS[[0, 4]], T(0.9, 0.4)

@@ -337,7 +337,7 @@ def test_outputs_dtype_device_and_empty():
     assert keep.numel() == 0
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.cuda
 @pytest.mark.parametrize("method", METHODS)
 def test_gpu_matches_cpu(method):
     g = torch.Generator().manual_seed(8)

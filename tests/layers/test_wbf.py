@@ -260,7 +260,7 @@ def test_empty_views_give_empty_fusion_and_count_in_the_score_rescaling():
     torch.testing.assert_close(_wbf([flat])[0], T([0, 0, 4, 4]))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.cuda
 def test_cuda_equals_cpu():
     views = _random_views(13, [100, 80, 120], num_classes=5, dtype=torch.float32)
     cpu = _wbf(views, conf_type="box_and_model_avg")

@@ -1,4 +1,4 @@
-"""The switches of the authors' released recipe (reference 4.1), each against an independent
+"""The switches of the authors' released recipe (the authors' released recipe, py-HAR), each against an independent
 computation written from its definition in the authors' files (yali996/py-HAR): per-level
 normalised focal / box losses, the FPN wiring, the anchors, the clip + size filter of the
 candidates, the parameter groups and the initialisation; and the authors configs."""

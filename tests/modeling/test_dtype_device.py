@@ -34,7 +34,7 @@ from harnet.layers import (
 from harnet.modeling import AlignedAttention, CrossLevelGroupNorm, CrossLevelSE, SpatialAttention
 from harnet_model_utils import har_cfg, retinanet_cfg
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+needs_cuda = pytest.mark.cuda
 
 C = 16
 LEVELS = [(8, 12), (4, 6), (2, 3), (1, 2), (1, 1)]

@@ -393,7 +393,7 @@ def test_aligned_attention_bad_args():
         _small_aligned()(torch.randn(1, 8, 4, 4))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_aligned_attention_cuda_matches_cpu():
     module = _randomize_(_small_aligned(), std=0.2)
     x = torch.randn(2, 16, 7, 9)

@@ -9,7 +9,7 @@ from detectron2.config import CfgNode as CN
 def add_harnet_config(cfg):
     """Add ``cfg.MODEL.HARNET`` and HARNet's other keys to a Detectron2 config, in place.
 
-    Defaults give the full hybrid model of the paper (reference, section 3).
+    Defaults give the full hybrid model of the paper (the paper, Sec. 3, as the authors' py-HAR code builds it).
     """
     cfg.MODEL.HARNET = CN()
     _add_model_config(cfg)
@@ -31,26 +31,26 @@ def _add_model_config(cfg):
     for what only the config sees, each module for its arguments, the builders adding the
     key to a module's error), with errors naming the key.
     """
-    # --- Aligned attention (reference 3.1): deformable bottleneck on backbone outputs ---
+    # --- Aligned attention (py-HAR's aligned-attention blocks): deformable bottleneck on backbone outputs ---
     cfg.MODEL.HARNET.ALIGN = CN()
     # Refine the configured ResNet outputs before the FPN (P6 then comes from refined C5).
     cfg.MODEL.HARNET.ALIGN.ENABLED = True
     # Backbone outputs to refine; each must be in MODEL.RESNETS.OUT_FEATURES.
     cfg.MODEL.HARNET.ALIGN.IN_FEATURES = ["res4", "res5"]
     # Bottleneck width per entry of IN_FEATURES, or a single value for all of them
-    # (reference: 256; one variant uses 512 for C5).
+    # (py-HAR: 256; one variant uses 512 for C5).
     cfg.MODEL.HARNET.ALIGN.MID_CHANNELS = [256]
-    # Offset groups of the DCNv1 3x3 conv (reference: 4, i.e. 2*4*9 = 72 offset channels).
+    # Offset groups of the DCNv1 3x3 conv (py-HAR: 4, i.e. 2*4*9 = 72 offset channels).
     cfg.MODEL.HARNET.ALIGN.DEFORM_GROUPS = 4
     # GroupNorm groups after each of the block's three convs.
     cfg.MODEL.HARNET.ALIGN.NORM_GROUPS = 32
     # Initial weight of the last GroupNorm: the block starts close to the identity.
     cfg.MODEL.HARNET.ALIGN.LAST_NORM_INIT = 0.1
-    # Learning-rate factor of the offset conv (reference: lr_mult 0.1); applied by
+    # Learning-rate factor of the offset conv (py-HAR: lr_mult 0.1); applied by
     # harnet.solver.build_optimizer through the module's ``lr_factor`` attribute.
     cfg.MODEL.HARNET.ALIGN.OFFSET_LR_FACTOR = 0.1
 
-    # --- Cross-level group norm in the head towers (reference 3.2) ---
+    # --- Cross-level group norm in the head towers (py-HAR's cross-level GroupNorm layers) ---
     cfg.MODEL.HARNET.CLGN = CN()
     # Tower convs followed by CLGN (statistics over all pyramid levels together). Off: the
     # towers are Detectron2's RetinaNetHead towers (MODEL.RETINANET.NORM applies).
@@ -60,7 +60,7 @@ def _add_model_config(cfg):
     # Initial affine weight of the last tower conv's CLGN (the others start at 1).
     cfg.MODEL.HARNET.CLGN.LAST_NORM_INIT = 0.1
 
-    # --- Spatial attention (reference 3.3): one mask per pyramid level ---
+    # --- Spatial attention (py-HAR's spatial-attention branches): one mask per pyramid level ---
     cfg.MODEL.HARNET.SPATIAL = CN()
     # A dilated-conv branch on each FPN level predicts a sigmoid mask that multiplies the
     # last tower conv's output of both towers at that level.
@@ -72,14 +72,14 @@ def _add_model_config(cfg):
     cfg.MODEL.HARNET.SPATIAL.DILATIONS = [[1, 2, 5, 2]] * 3 + [[1, 2, 3, 2]] * 2
     # GroupNorm (no affine) groups after each dilated conv; 0 = no norm (older variant).
     cfg.MODEL.HARNET.SPATIAL.NORM_GROUPS = 4
-    # How the mask m re-weights the tower output x: "mul" = x * m (reference R-50),
+    # How the mask m re-weights the tower output x: "mul" = x * m (py-HAR's R-50),
     # "residual" = x * (1 + m) (one reference R-101 model).
     cfg.MODEL.HARNET.SPATIAL.MODE = "mul"
     # One branch shared by all levels (the paper's weight-sharing study) instead of one
     # per level; needs the same dilations for every level.
     cfg.MODEL.HARNET.SPATIAL.SHARED = False
 
-    # --- Channel attention (reference 3.4, 3.5): cross-level SE + a second predictor ---
+    # --- Channel attention (py-HAR's cross-level SE and averaged predictors): cross-level SE + a second predictor ---
     cfg.MODEL.HARNET.CHANNEL = CN()
     # A cross-level squeeze-and-excitation block per tower on the (spatially attended)
     # tower outputs: one channel-weight vector for all levels.
@@ -100,7 +100,7 @@ def _add_model_config(cfg):
 
 def _add_authors_recipe_config(cfg):
     """Switches for the authors' released training/test recipe where Detectron2 has no key
-    (reference 4.1; configs/HARNet/har_R_*_FPN_authors.yaml turn them on). The defaults are
+    (the authors' released recipe, py-HAR; configs/HARNet/har_R_*_FPN_authors.yaml turn them on). The defaults are
     Detectron2's RetinaNet behaviour. The other differences use Detectron2's own keys:
     MODEL.BACKBONE.NAME = "build_harnet_resnet_authors_fpn_backbone" (FPN layout and init),
     MODEL.ANCHOR_GENERATOR.NAME = "RoundedAnchorGenerator" with OFFSET = 0.5 (anchors),
@@ -130,7 +130,7 @@ def _add_authors_recipe_config(cfg):
 
 
 def _add_postprocess_config(cfg):
-    """Post-processing: NMS type (hard / soft), box voting (reference, section 5).
+    """Post-processing: NMS type (hard / soft), box voting (the paper and py-HAR's test code).
 
     Read by ``harnet.layers.postprocess_params_from_cfg`` (checked there, errors name the
     key). Detectron2's own keys still apply: ``MODEL.RETINANET.SCORE_THRESH_TEST`` and
@@ -239,7 +239,7 @@ def _add_train_config(cfg):
     """Training: the optimizer choice and the two-step schedule.
 
     Step 1 trains the main network with some attention switches off, step 2 switches them
-    back on and continues from step 1's final weights (reference, section 4). Step 2 uses
+    back on and continues from step 1's final weights (the paper, Sec. 4). Step 2 uses
     the config's own switches and the usual SOLVER schedule (MAX_ITER, STEPS, BASE_LR,
     WARMUP_*); outputs go to OUTPUT_DIR/step1 and OUTPUT_DIR/step2.
     """

@@ -84,7 +84,7 @@ def get_optimizer_params(
     - ``weight_decay_norm`` also applies to :class:`CrossLevelGroupNorm` parameters (their
       biases take ``weight_decay_bias`` when it is given, as Detectron2's norms do).
 
-    The authors' recipe (reference 4.1) is ``bias_lr_factor=2``, ``weight_decay_bias=0``,
+    The authors' recipe (the authors' released recipe, py-HAR) is ``bias_lr_factor=2``, ``weight_decay_bias=0``,
     ``weight_decay_norm=weight_decay``: biases at 2x lr without decay, GN scales with decay,
     and the offset convs' biases at 0.1 x 2 = 0.2x lr.
 

@@ -1,4 +1,4 @@
-"""The two-step schedule (reference section 4): step 1 trains the main network with the
+"""The two-step schedule (paper, Sec. 4; py-HAR's training scripts): step 1 trains the main network with the
 spatial and channel attention switched off; step 2 switches them on and continues from
 step 1's final weights. Keys: ``cfg.SOLVER.TWO_STEP.*`` (see ``harnet/config.py``).
 

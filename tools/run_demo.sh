@@ -8,9 +8,11 @@
 #   tools/run_demo.sh                         # outputs in output/demo
 #   HARNET_DEMO_OUTPUT=/tmp/demo tools/run_demo.sh SOLVER.MAX_ITER 100   # extra overrides
 #
-# Training is 2200 iterations: 8.75 minutes at the 0.239 s/iter a fresh clone measured on
-# 2 idle CPU cores, 9 min 56 s for the whole script (README "Demo"); a loaded machine
-# takes longer.
+# Training is 2200 iterations (0.239 s/iter on 2 idle cores of an Intel Xeon, 0.17-0.19 on
+# 2 idle cores of an AMD EPYC Zen 1; README "Demo" gives the whole script's time on each);
+# a machine loaded by other processes takes longer. `python dev/benchmark_demo.py` prints
+# this machine's s/iter and the whole demo's expected time. It runs on CUDA when torch
+# sees a GPU (printed first); "tools/run_demo.sh MODEL.DEVICE cpu" forces the CPU.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/tools/setup_env.sh"
@@ -34,6 +36,20 @@ if [[ -z "${OMP_WAIT_POLICY:-}" ]]; then
 fi
 cd "$ROOT"
 start=$(date +%s)
+# The device: CUDA when torch sees a GPU, else the CPU; "MODEL.DEVICE cpu" forces the CPU
+# (the config names no device; train_net.py falls back to the CPU without CUDA).
+"$PY" - "$@" <<'PY'
+import os, sys, torch
+args = sys.argv[1:]
+dev = args[args.index("MODEL.DEVICE") + 1] if "MODEL.DEVICE" in args[:-1] else "cuda"
+if dev.startswith("cuda") and torch.cuda.is_available():
+    print(f"[demo] device: {dev} ({torch.cuda.get_device_name(torch.device(dev))})")
+else:
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "CPU") if os.path.exists("/proc/cpuinfo") else "CPU"
+    why = "MODEL.DEVICE " + dev if not dev.startswith("cuda") else "no CUDA GPU found"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    print(f"[demo] device: cpu ({cpu}, {cores} cores; {why})")
+PY
 
 echo "[demo] 1/3 train + evaluate HAR-Net (R-18, from scratch) -> $OUT"
 "$PY" train_net.py --config-file "$CFG" OUTPUT_DIR "$OUT" "$@"

@@ -75,7 +75,7 @@ def build_cfg(opts):
     cfg = get_cfg()
     harnet.add_harnet_config(cfg)
     cfg.merge_from_file(DEMO_YAML)
-    cfg.merge_from_list(opts)
+    cfg.merge_from_list(["MODEL.DEVICE", "cpu"] + list(opts))  # gloo: CPU processes
     cfg.freeze()
     register_shapes_from_cfg(cfg)
     return cfg

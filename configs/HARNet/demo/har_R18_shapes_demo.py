@@ -80,7 +80,7 @@ lr_multiplier = L(WarmupParamScheduler)(
 )
 train.max_iter = 2200
 train.init_checkpoint = ""
-train.device = "cpu"
+# train.device: inherited ("cuda"); build_config falls back to the CPU without CUDA.
 train.output_dir = "./output/demo_lazy"
 train.checkpointer.period = 300
 train.eval_period = 0

@@ -2,8 +2,10 @@
 FPN, images of 32-128 px) so every variant builds and runs in well under a second on a CPU,
 the dotted-key config setter, tiny image files and a tiny COCO-format dataset."""
 
+import contextlib
 import json
 import os
+import warnings
 
 import numpy as np
 import yaml
@@ -19,6 +21,21 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO, "configs", "HARNet")
 
 SWITCHES = ("ALIGN", "CLGN", "SPATIAL", "CHANNEL")
+# The project's own code: a warning raised from here on a user's main path is our bug.
+OWN_CODE = (os.path.join(REPO, "projects") + os.sep, os.path.join(REPO, "tools") + os.sep,
+            os.path.join(REPO, "train_net.py"))
+
+
+@contextlib.contextmanager
+def no_own_warnings():
+    """Fails when a warning whose location is the project's own code is raised inside the
+    block (every warning is recorded, whatever the pytest filters)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    own = [f"{w.filename}:{w.lineno}: {w.category.__name__}: {w.message}" for w in caught
+           if os.path.abspath(w.filename).startswith(OWN_CODE)]
+    assert not own, "\n".join(own)
 
 
 # The one tiny model of the tests: ResNet-18 with a 16-channel stem, 32-channel FPN, one

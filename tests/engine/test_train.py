@@ -17,7 +17,7 @@ from detectron2.config import get_cfg
 
 from harnet.engine import HARNetTrainer, argument_parser, main
 from harnet.engine.defaults import build_config
-from harnet_model_utils import write_coco
+from harnet_model_utils import no_own_warnings, write_coco
 
 ROOT = REPO
 DEMO_YAML = os.path.join(ROOT, "configs", "HARNet", "demo", "har_R18_shapes_demo.yaml")
@@ -78,7 +78,8 @@ def iteration_of(path):
 def test_train_checkpoint_resume_eval(tmp_path, data_root):
     out = str(tmp_path / "run")
     opts = tiny_opts(data_root, out, max_iter=4)
-    res = run(["--config-file", DEMO_YAML] + opts)
+    with no_own_warnings():
+        res = run(["--config-file", DEMO_YAML] + opts)
     # Training ends with an evaluation (EvalHook after the last iteration).
     assert BBOX_KEYS <= set(res["bbox"])
     files = sorted(os.listdir(out))
@@ -119,8 +120,9 @@ def test_train_checkpoint_resume_eval(tmp_path, data_root):
     assert [m["iteration"] for m in lines if "total_loss" in m] == [3, 5]
 
     # --eval-only: COCO metrics of the checkpoint.
-    res = run(["--eval-only", "--config-file", DEMO_YAML] + tiny_opts(data_root, out) + [
-        "MODEL.WEIGHTS", os.path.join(out, "model_final.pth")])
+    with no_own_warnings():
+        res = run(["--eval-only", "--config-file", DEMO_YAML] + tiny_opts(data_root, out) + [
+            "MODEL.WEIGHTS", os.path.join(out, "model_final.pth")])
     check_bbox_metrics(res)
     # ... also written for scripts, NaN (area ranges without ground truth) included.
     with open(os.path.join(out, "eval_results.json")) as f:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import batched_nms as _tv_batched_nms
 
-from . import _soft_nms_numba
+from . import _soft_nms_numba, _soft_nms_triton
 from ._box_ops import (
     box_checks,
     check_category_indices,
@@ -169,7 +169,19 @@ def soft_nms_eager(
     score_threshold: float,
 ) -> Tuple[Tensor, Tensor]:
     """:func:`batched_soft_nms` without input checks, in eager mode: numba's compiled loop
-    on CPU tensors when numba is installed, else :func:`batched_soft_nms_scriptable`."""
+    on CPU tensors when numba is installed, the Triton kernel on CUDA tensors when triton
+    is installed (categories of at most ``_soft_nms_triton.MAX_GROUP`` boxes), else
+    :func:`batched_soft_nms_scriptable`."""
+    if boxes.device.type == "cuda" and _soft_nms_triton.available() and method != "hard":
+        if not torch.compiler.is_compiling():
+            candidates = torch.nonzero(scores >= score_threshold).squeeze(1)
+            box_index, starts, largest = _soft_nms_triton.group_candidates(idxs, candidates)
+            if _soft_nms_triton.supports(method, largest):
+                keep, kept_scores = _soft_nms_triton.greedy_soft_nms_triton(
+                    boxes, scores, box_index, starts, largest,
+                    method, sigma, iou_threshold, score_threshold,
+                )  # fmt: skip
+                return _by_decreasing_score(keep, kept_scores.to(scores.dtype))
     if method == "hard" or boxes.device.type != "cpu" or not _soft_nms_numba.available():
         return batched_soft_nms_scriptable(
             boxes, scores, idxs, method, sigma, iou_threshold, score_threshold

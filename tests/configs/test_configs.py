@@ -231,6 +231,7 @@ def test_demo_lazy_twin_builds_the_same_model_and_initial_norms():
     # The demo's yaml and LazyConfig build the same parameters, and the constant-initialised
     # ones (every norm's weight and bias, the CLGN last scale 1.0 among them) start equal.
     yaml_cfg = har_cfg(os.path.join("demo", "har_R18_shapes_demo.yaml"), tiny=False)
+    yaml_cfg.MODEL.DEVICE = "cpu"  # the config names no device; Detectron2's default is cuda
     from_yaml = build_model(yaml_cfg)
     from_lazy = instantiate(
         LazyConfig.load(os.path.join(CONFIG_DIR, "demo", "har_R18_shapes_demo.py")).model

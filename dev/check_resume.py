@@ -13,10 +13,9 @@ trains the demo config shrunk to a tiny schedule three times, each a fresh
 and prints the largest absolute difference between the final weights of runs 1 and 3
 (0 = the resumed run is the uninterrupted one). The dataset (40 built-in shapes images of
 mixed aspect ratios, multi-scale resize, flips) is large enough that the data order
-matters. ``--no-jit`` runs with ``PYTORCH_JIT=0``: TorchScript's profiling executor
-optimises Detectron2's scripted box transform after its first calls, which changes the
-last bits of a fresh process's first iterations (two uninterrupted runs agree only to
-~1e-5 with it).
+matters. ``--no-jit`` runs with ``PYTORCH_JIT=0``, a cross-check only: the training path calls
+fvcore's eager focal loss (TorchScript's profiling executor changed the last bits of the
+scripted one's gradient after its first calls in each process, so a resumed run differed).
 
     python dev/check_resume.py --procs 1 2
 """

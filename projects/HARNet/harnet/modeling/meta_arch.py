@@ -17,7 +17,7 @@ from .config_keys import HEAD_KEYS, naming_config_keys
 from ..layers.postprocess import postprocess_params_from_cfg, suppress_detections
 from .candidates import CANDIDATE_MODES, authors_level_candidates
 from .head import HARRetinaNetHead
-from .losses import LOSS_NORMALIZERS, per_level_normalized_losses
+from .losses import LOSS_NORMALIZERS, eager_retinanet_focal_loss, per_level_normalized_losses
 
 __all__ = ["HARRetinaNet"]
 
@@ -205,7 +205,8 @@ class HARRetinaNet(RetinaNet):
 
     def _predictor_losses(self, anchors, pred_logits, gt_labels, pred_deltas, gt_boxes):
         if self.loss_normalizer_mode == "running":
-            return self.losses(anchors, pred_logits, gt_labels, pred_deltas, gt_boxes)
+            with eager_retinanet_focal_loss():  # bit-exact resume (harnet.modeling.losses)
+                return self.losses(anchors, pred_logits, gt_labels, pred_deltas, gt_boxes)
         labels = torch.stack(gt_labels)
         num_pos = ((labels >= 0) & (labels != self.num_classes)).sum().item()
         get_event_storage().put_scalar("num_pos_anchors", num_pos / len(gt_labels))

@@ -40,23 +40,18 @@ def test_harnet_log_messages_reach_log_txt(tmp_path):
         assert line.startswith("[") and "harnet." in line, line
 
 
-# lock.py alone (no torch import: fast), loaded from its file.
+# Another process that holds the lock, as a second training run would.
 _HOLDER = """
-import importlib.util, sys, time
-spec = importlib.util.spec_from_file_location("lock", sys.argv[2])
-lock = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(lock)
-lock.OutputDirLock(sys.argv[1]).acquire()
+import sys, time
+from harnet.engine.lock import OutputDirLock
+OutputDirLock(sys.argv[1]).acquire()
 print("locked", flush=True)
 time.sleep(600)
 """
 
 
 def _hold(folder):
-    import harnet.engine.lock
-
-    p = subprocess.Popen([sys.executable, "-c", _HOLDER, str(folder), harnet.engine.lock.__file__],
-                         stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen([sys.executable, "-c", _HOLDER, str(folder)], stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "locked"
     return p
 

@@ -251,15 +251,9 @@ def test_two_step_training_starts_step_two_from_step_one_weights(tmp_path, data_
 
 
 def test_visualize(tmp_path, data_root):
-    import importlib.util
-
     import cv2
 
-    spec = importlib.util.spec_from_file_location(
-        "harnet_tools_visualize", os.path.join(ROOT, "tools", "visualize.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    vis_main = tool.main
+    from harnet.engine.visualize_command import main as vis_main
 
     out = str(tmp_path / "run")
     run(["--config-file", DEMO_YAML] + tiny_opts(data_root, out, max_iter=1) + ["TEST.EVAL_PERIOD", "0"])

@@ -4,7 +4,6 @@ corrupt image (the others are drawn, the failure is listed, exit status 1), a da
 fewer class names than the model (labels by class index, the mismatch named), and a
 config whose training/test datasets do not exist here (not needed to draw given images)."""
 from harnet_model_utils import REPO
-import importlib.util
 import json
 import logging
 import os
@@ -14,18 +13,11 @@ import numpy as np
 import pytest
 
 import harnet  # noqa: F401
+from harnet.engine.visualize_command import main as vis_main
 
 ROOT = REPO
 
 
-def _tool():
-    spec = importlib.util.spec_from_file_location("harnet_tools_visualize", os.path.join(ROOT, "tools", "visualize.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-vis_main = _tool().main
 DEMO_YAML = os.path.join(ROOT, "configs", "HARNet", "demo", "har_R18_shapes_demo.yaml")
 # An untrained small model on 64 px inputs; every candidate drawn.
 OPTS = ["MODEL.WEIGHTS", "", "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "64",

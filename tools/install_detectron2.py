@@ -44,8 +44,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _load_info():
-    """harnet/d2_compat/info.py (standard library only), loaded by path: harnet cannot be
-    imported before Detectron2 is installed."""
+    """harnet/d2_compat/info.py (standard library only), loaded by path: this bootstrap
+    runs before Detectron2, and so harnet, can be imported; it is the one script that does."""
     path = os.path.join(REPO, "projects", "HARNet", "harnet", "d2_compat", "info.py")
     spec = importlib.util.spec_from_file_location("harnet_d2_install_info", path)
     module = importlib.util.module_from_spec(spec)
@@ -57,6 +57,7 @@ _info = _load_info()
 D2_COMMIT, FALLBACK_C = _info.D2_COMMIT, _info.FALLBACK_C
 install_mode, fallback_outdated = _info.install_mode, _info.fallback_outdated
 installed_version = _info.installed_version
+source_commit, _git_commit, _tar_commit = _info.source_commit, _info.git_commit, _info.tar_commit
 
 
 class SourceError(RuntimeError):
@@ -140,23 +141,6 @@ def _tree_root(folder):
     return None
 
 
-def _git_commit(folder):
-    try:
-        r = subprocess.run(["git", "-C", folder, "rev-parse", "HEAD"], capture_output=True,
-                           text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return r.stdout.strip() if r.returncode == 0 else None
-
-
-def _tar_commit(archive):
-    # `git archive` stores the commit in the pax global header's comment.
-    with tarfile.open(archive) as tar:
-        tar.next()
-        commit = tar.pax_headers.get("comment", "")
-    return commit if len(commit) == 40 and all(c in "0123456789abcdef" for c in commit) else None
-
-
 def _torch_tag():
     r = subprocess.run(
         [sys.executable, "-c",
@@ -186,16 +170,6 @@ def _build_wheel(tree, commit, out_dir):
 def _cache_dir():
     return os.environ.get("HARNET_CACHE") or os.path.join(
         os.path.expanduser("~"), ".cache", "harnet")
-
-
-def source_commit(path):
-    """The commit of a local source (git checkout or ``git archive`` tarball), or None."""
-    if os.path.isdir(path):
-        return _git_commit(path)
-    try:
-        return _tar_commit(path)
-    except (tarfile.TarError, OSError, EOFError):
-        return None
 
 
 def install_local_source(path):

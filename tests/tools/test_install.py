@@ -3,7 +3,6 @@ offers: a bad HARNET_D2_SOURCE is an error naming it; collect_env names the vers
 versions import detectron2.export (upstream guards its caffe2 import, the fallback install
 patches 0.6 the same way)."""
 from harnet_model_utils import REPO
-import importlib.util
 import io
 import os
 import subprocess
@@ -13,12 +12,9 @@ import tarfile
 import pytest
 
 from harnet.collect_env import _describe_distribution
+from harnet.d2_compat import info as install
 
-INSTALL = os.path.join(REPO, "tools",
-                       "install_detectron2.py")
-_spec = importlib.util.spec_from_file_location("install_detectron2_under_test", INSTALL)
-install = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(install)
+INSTALL = os.path.join(REPO, "tools", "install_detectron2.py")
 
 
 def _run_install(env_source, *args):

@@ -37,8 +37,10 @@ def test_nothing_tracked_points_outside_the_repository():
 
 def test_no_module_is_loaded_by_file_path():
     hits = _grep(r"spec_from_file_location|sys\.path\.(insert|append)|load_tool\(")
-    # This file names the patterns it looks for.
-    hits = [h for h in hits.splitlines() if not h.startswith("tests/tools/test_repository.py")]
+    # This file names the patterns it looks for; the installer is the bootstrap that runs
+    # before Detectron2, and so harnet, can be imported (it reads harnet/d2_compat/info.py).
+    allowed = ("tests/tools/test_repository.py:", "tools/install_detectron2.py:")
+    hits = [h for h in hits.splitlines() if not h.startswith(allowed)]
     assert hits == []
 
 

@@ -8,8 +8,11 @@ the trainer (fast COCO evaluation or not) read it through ``harnet.d2_compat.inf
 
 import importlib.util
 import os
+import subprocess
+import tarfile
 
-__all__ = ["D2_COMMIT", "FALLBACK_C", "install_mode", "fallback_outdated", "installed_version"]
+__all__ = ["D2_COMMIT", "FALLBACK_C", "install_mode", "fallback_outdated", "installed_version",
+           "source_commit"]
 
 # Upstream main, June 2026: the commit HARNet's CI builds and tests (README, install modes).
 D2_COMMIT = "02b5c4e295e990042a714712c21dc79b731e8833"
@@ -56,3 +59,30 @@ def installed_version():
         except metadata.PackageNotFoundError:
             continue
     return None
+
+def git_commit(folder):
+    """The HEAD commit of a git checkout, or None."""
+    try:
+        r = subprocess.run(["git", "-C", folder, "rev-parse", "HEAD"], capture_output=True,
+                           text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return r.stdout.strip() if r.returncode == 0 else None
+
+
+def tar_commit(archive):
+    # `git archive` stores the commit in the pax global header's comment.
+    with tarfile.open(archive) as tar:
+        tar.next()
+        commit = tar.pax_headers.get("comment", "")
+    return commit if len(commit) == 40 and all(c in "0123456789abcdef" for c in commit) else None
+
+
+def source_commit(path):
+    """The commit of a local source (git checkout or ``git archive`` tarball), or None."""
+    if os.path.isdir(path):
+        return git_commit(path)
+    try:
+        return tar_commit(path)
+    except (tarfile.TarError, OSError, EOFError):
+        return None

@@ -13,6 +13,10 @@
 # a machine loaded by other processes takes longer. `python dev/benchmark_demo.py` prints
 # this machine's s/iter and the whole demo's expected time. It runs on CUDA when torch
 # sees a GPU (printed first); "tools/run_demo.sh MODEL.DEVICE cpu" forces the CPU.
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then  # the comment above is the usage
+  sed -n '2,/^[^#]/s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
+  exit 0
+fi
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/tools/setup_env.sh"

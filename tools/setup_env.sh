@@ -8,6 +8,10 @@
 #   HARNET_D2_MODE=fallback tools/setup_env.sh # force a Detectron2 install mode
 #   HARNET_D2_SOURCE=path/to/detectron2[.tar.gz] HARNET_VENV=... tools/setup_env.sh
 #                                              # compile Detectron2 from a local source
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then  # the comment above is the usage
+  sed -n '2,/^[^#]/s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
+  exit 0
+fi
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${HARNET_VENV:-$ROOT/.venv}"

@@ -259,9 +259,10 @@ def test_visualize(tmp_path, data_root):
     run(["--config-file", DEMO_YAML] + tiny_opts(data_root, out, max_iter=1) + ["TEST.EVAL_PERIOD", "0"])
     vis = str(tmp_path / "vis")
     opts = tiny_opts(data_root, out)
-    assert vis_main(["--config-file", DEMO_YAML, "--dataset", "harnet_shapes_val", "--output", vis,
-                     "--max-images", "2", "--score-thresh", "0.0"] + opts +
-                    ["MODEL.WEIGHTS", os.path.join(out, "model_final.pth")]) == 0
+    with no_own_warnings():
+        assert vis_main(["--config-file", DEMO_YAML, "--dataset", "harnet_shapes_val", "--output",
+                         vis, "--max-images", "2", "--score-thresh", "0.0"] + opts +
+                        ["MODEL.WEIGHTS", os.path.join(out, "model_final.pth")]) == 0
     files = sorted(os.listdir(vis))
     assert len(files) == 2 and all(f.endswith("_vis.png") for f in files), files
     pic = cv2.imread(os.path.join(vis, files[0]))

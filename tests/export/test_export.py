@@ -3,6 +3,7 @@
 model on three image sizes, one much larger than the traced one."""
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -81,8 +82,12 @@ def exported(tmp_path_factory):
     common += [str(x) for x in TRACE_SIZE]
     for name, opts in list(VARIANTS.items()) + [("onnx", [])]:
         fmt = "onnx" if name == "onnx" else "torchscript"
-        _run([sys.executable, tool, *common, "--format", fmt, "--output", str(out / name),
-              "MODEL.WEIGHTS", str(out / "model.pth"), *opts])  # fmt: skip
+        proc = _run([sys.executable, "-W", "always", tool, *common, "--format", fmt,
+                     "--output", str(out / name), "MODEL.WEIGHTS", str(out / "model.pth"), *opts])
+        # No warning located in the project's own code ("<file>:<line>: <Category>: ...").
+        own = [line for line in proc.stderr.splitlines()
+               if re.match(r"\s*" + re.escape(REPO) + r"/(projects|tools)/\S+:\d+: \w+Warning", line)]
+        assert not own, own
     _run([sys.executable, "-c", LOAD_AND_RUN, str(out), *VARIANTS, "onnx"])
     return out, images, torch.load(out / "results.pt")
 

@@ -22,6 +22,7 @@ is a separate step run by PyTorch on the network's outputs: :func:`detections_fr
 import contextlib
 import inspect
 import types
+import warnings
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -149,7 +150,12 @@ def export_onnx(model: nn.Module, image: Tensor, path: str, opset_version: int =
     network = HeadOutputs(model).eval()
     num_levels = len(model.head_in_features)
     names = onnx_output_names(num_levels)
-    with torch.no_grad():
+    # The TorchScript-based exporter, on purpose: it has the DeformConv symbolic registered
+    # above, and the torch.export-based one needs the onnxscript package, which HARNet does
+    # not install. torch marks the former deprecated; that notice is not the user's to act on.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX",
+                                category=DeprecationWarning)
         torch.onnx.export(
             network,
             (image,),

@@ -96,7 +96,9 @@ class AlignedAttention(nn.Module):
         Returns:
             Tensor[N, in_channels, H, W]: the refined feature map.
         """
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
+        # Shape checks are Python control flow: skipped while tracing (the traced graph is
+        # fixed; the sizes would be frozen as constants with a TracerWarning).
+        if not torch.jit.is_tracing() and (x.dim() != 4 or x.shape[1] != self.in_channels):
             raise ValueError(
                 f"AlignedAttention: x must have shape (N, {self.in_channels}, H, W), "
                 f"got {tuple(x.shape)}"
@@ -127,8 +129,12 @@ class AlignedAttention(nn.Module):
         # padding, so clamping there changes neither the output nor the gradient, and
         # mapping NaN to 0 lets the NaN features propagate to a non-finite loss that the
         # trainer reports with its iteration.
+        offset = torch.nan_to_num(offset, nan=0.0)
+        if torch.jit.is_tracing():  # the map size stays a traced value: any input size
+            limit = (offset.shape[-2] + offset.shape[-1] + 8) * torch.ones_like(offset[:1, :1, :1, :1])
+            return torch.minimum(torch.maximum(offset, -limit), limit)
         limit = float(offset.shape[-2] + offset.shape[-1] + 8)
-        return torch.nan_to_num(offset, nan=0.0).clamp(-limit, limit)
+        return offset.clamp(-limit, limit)
 
     def extra_repr(self) -> str:
         return (

@@ -66,6 +66,8 @@ class CrossLevelSE(nn.Module):
             )
         n = features[0].shape[0]
         for i, f in enumerate(features):
+            if torch.jit.is_tracing():  # shape checks would freeze the traced sizes
+                break
             if f.dim() != 4 or f.shape[1] != self.channels or f.shape[0] != n:
                 raise ValueError(
                     f"CrossLevelSE: features[{i}] must have shape ({n}, {self.channels}, H, W), "

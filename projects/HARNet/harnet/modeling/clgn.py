@@ -65,6 +65,8 @@ class CrossLevelGroupNorm(nn.Module):
             )
         if len(features) == 0:
             raise ValueError("CrossLevelGroupNorm: features is an empty list")
+        if torch.jit.is_tracing():  # shape checks would freeze the traced sizes
+            return
         n = features[0].shape[0] if features[0].dim() > 0 else None
         for i, f in enumerate(features):
             if f.dim() < 2:

@@ -80,7 +80,8 @@ class SpatialAttention(nn.Module):
         Returns:
             Tensor[N, 1, H, W]: the attention mask, values in (0, 1), dtype of ``x``.
         """
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
+        # Shape checks are skipped while tracing (they would freeze the traced sizes).
+        if not torch.jit.is_tracing() and (x.dim() != 4 or x.shape[1] != self.in_channels):
             raise ValueError(
                 f"SpatialAttention: x must have shape (N, {self.in_channels}, H, W), "
                 f"got {tuple(x.shape)}"

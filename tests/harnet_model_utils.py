@@ -19,6 +19,7 @@ import harnet
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO, "configs", "HARNet")
+DEMO_YAML = os.path.join(CONFIG_DIR, "demo", "har_R18_shapes_demo.yaml")
 
 SWITCHES = ("ALIGN", "CLGN", "SPATIAL", "CHANNEL")
 # The project's own code: a warning raised from here on a user's main path is our bug.
@@ -285,17 +286,6 @@ def losses_of(models, inputs):
     return losses
 
 
-def load_tool(name):
-    """tools/<name>.py as a module (tools are scripts, not an installed package)."""
-    import importlib.util
-
-    path = os.path.join(REPO, "tools", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"{name}_under_test", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
@@ -338,3 +328,30 @@ def pycocotools_box_ap(gt, detections):
         ev.accumulate()
         ev.summarize()
     return dict(zip(COCO_METRICS, (100 * s if s >= 0 else math.nan for s in ev.stats[:6])))
+
+
+def tiny_opts(data_root, out, max_iter=4):
+    """Overrides that shrink the demo config to a few seconds of CPU."""
+    return [
+        "OUTPUT_DIR", out,
+        "DATASETS.SHAPES.ROOT", data_root,
+        "DATASETS.SHAPES.NUM_TRAIN", "4",
+        "DATASETS.SHAPES.NUM_VAL", "3",
+        "DATASETS.SHAPES.IMAGE_SIZE", "(64, 64)",
+        "DATASETS.SHAPES.OBJECT_SIZE", "(8.0, 40.0)",
+        "DATASETS.SHAPES.OBJECTS_PER_IMAGE", "(2, 4)",
+        "INPUT.MIN_SIZE_TRAIN", "(64,)",
+        "INPUT.MAX_SIZE_TRAIN", "64",
+        "INPUT.MIN_SIZE_TEST", "64",
+        "INPUT.MAX_SIZE_TEST", "64",
+        "SOLVER.IMS_PER_BATCH", "2",
+        "SOLVER.MAX_ITER", str(max_iter),
+        "SOLVER.STEPS", "()",
+        "SOLVER.WARMUP_ITERS", "0",
+        "SOLVER.CHECKPOINT_PERIOD", "2",
+        "DATALOADER.NUM_WORKERS", "0",
+        # An almost untrained model: keep every candidate so that AP is a number.
+        "MODEL.RETINANET.SCORE_THRESH_TEST", "0.0",
+        "MODEL.RETINANET.TOPK_CANDIDATES_TEST", "50",
+        "TEST.DETECTIONS_PER_IMAGE", "20",
+    ]

@@ -17,10 +17,9 @@ from detectron2.config import get_cfg
 
 from harnet.engine import HARNetTrainer, argument_parser, main
 from harnet.engine.defaults import build_config
-from harnet_model_utils import no_own_warnings, write_coco
+from harnet_model_utils import DEMO_YAML, no_own_warnings, tiny_opts, write_coco
 
 ROOT = REPO
-DEMO_YAML = os.path.join(ROOT, "configs", "HARNet", "demo", "har_R18_shapes_demo.yaml")
 DEMO_PY = os.path.join(ROOT, "configs", "HARNet", "demo", "har_R18_shapes_demo.py")
 BBOX_KEYS = {"AP", "AP50", "AP75", "APs", "APm", "APl"}
 
@@ -28,33 +27,6 @@ BBOX_KEYS = {"AP", "AP50", "AP75", "APs", "APm", "APl"}
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
     return str(tmp_path_factory.mktemp("shapes"))
-
-
-def tiny_opts(data_root, out, max_iter=4):
-    """Overrides that shrink the demo config to a few seconds of CPU."""
-    return [
-        "OUTPUT_DIR", out,
-        "DATASETS.SHAPES.ROOT", data_root,
-        "DATASETS.SHAPES.NUM_TRAIN", "4",
-        "DATASETS.SHAPES.NUM_VAL", "3",
-        "DATASETS.SHAPES.IMAGE_SIZE", "(64, 64)",
-        "DATASETS.SHAPES.OBJECT_SIZE", "(8.0, 40.0)",
-        "DATASETS.SHAPES.OBJECTS_PER_IMAGE", "(2, 4)",
-        "INPUT.MIN_SIZE_TRAIN", "(64,)",
-        "INPUT.MAX_SIZE_TRAIN", "64",
-        "INPUT.MIN_SIZE_TEST", "64",
-        "INPUT.MAX_SIZE_TEST", "64",
-        "SOLVER.IMS_PER_BATCH", "2",
-        "SOLVER.MAX_ITER", str(max_iter),
-        "SOLVER.STEPS", "()",
-        "SOLVER.WARMUP_ITERS", "0",
-        "SOLVER.CHECKPOINT_PERIOD", "2",
-        "DATALOADER.NUM_WORKERS", "0",
-        # An almost untrained model: keep every candidate so that AP is a number.
-        "MODEL.RETINANET.SCORE_THRESH_TEST", "0.0",
-        "MODEL.RETINANET.TOPK_CANDIDATES_TEST", "50",
-        "TEST.DETECTIONS_PER_IMAGE", "20",
-    ]
 
 
 def run(argv):

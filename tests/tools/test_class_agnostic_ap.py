@@ -2,9 +2,9 @@
 evaluation on hand-built cases."""
 import pytest
 
-from harnet_model_utils import load_tool, pycocotools_box_ap
+from harnet_model_utils import pycocotools_box_ap
 
-tool = load_tool("class_agnostic_ap")
+from harnet.commands import class_agnostic_ap as tool
 
 
 def _gt():

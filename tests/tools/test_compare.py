@@ -10,10 +10,10 @@ import subprocess
 import numpy as np
 import pytest
 
-from harnet_model_utils import load_tool, pycocotools_box_ap
+from harnet_model_utils import pycocotools_box_ap
 
-compare = load_tool("compare_variants")
-from test_train import DEMO_YAML, tiny_opts
+from harnet.commands import compare_variants as compare
+from harnet_model_utils import DEMO_YAML, tiny_opts
 
 
 def test_variant_syntax_gives_label_and_overrides_and_rejects_malformed_entries():
@@ -216,13 +216,9 @@ def test_every_variant_is_checked_before_any_run(tmp_path, monkeypatch):
 
 
 def _benchmark_main():
-    import importlib.util
+    from harnet.devtools import benchmark
 
-    path = os.path.join(REPO, "tools", "benchmark.py")
-    spec = importlib.util.spec_from_file_location("harnet_tools_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark
 
 
 @pytest.mark.parametrize("argv, words", [

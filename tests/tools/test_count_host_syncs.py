@@ -9,9 +9,9 @@ import torch
 from detectron2.config import get_cfg
 
 import harnet
-from harnet_model_utils import REPO, load_tool
+from harnet_model_utils import REPO
 
-tool = load_tool("count_host_syncs")
+from harnet.devtools import count_host_syncs as tool
 
 
 def test_counter_sees_item_nonzero_bool_index_and_tolist():
@@ -35,6 +35,7 @@ def test_harnet_adds_no_sync_to_hard_nms_inference_and_few_to_soft_nms_voting():
     cfg = get_cfg()
     harnet.add_harnet_config(cfg)
     cfg.merge_from_file(os.path.join(REPO, tool.DEMO_CONFIG))
+    cfg.MODEL.DEVICE = "cpu"  # the config names no device; syncs are counted on any
     cfg.MODEL.RETINANET.SCORE_THRESH_TEST = 0.0  # candidates reach the post-processing
 
     def own(counts):

@@ -2,7 +2,6 @@
 exercised on every CI run), and its helpers against hand-made cases."""
 
 from harnet_model_utils import REPO
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,17 +10,9 @@ import sys
 import pytest
 import torch
 
-SCRIPT = os.path.join(REPO, "tools", "gpu_check.py")
+from harnet.devtools import gpu_check as gc
 
-
-def _load():
-    spec = importlib.util.spec_from_file_location("gpu_check_under_test", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-gc = _load()
+SCRIPT = os.path.join(REPO, "dev", "gpu_check.py")
 
 
 # ------------------------------------------------------------------------ helpers
@@ -49,19 +40,24 @@ def test_find_cuda_tests(tmp_path):
     (tmp_path / "helper.py").write_text(
         "@pytest.mark.skipif(not torch.cuda.is_available(), reason='x')\ndef test_x():\n    pass\n"
     )
+    (tmp_path / "layers").mkdir()
+    (tmp_path / "layers" / "test_d.py").write_text(
+        "import pytest\n@pytest.mark.cuda\ndef test_marked():\n    pass\n\ndef test_not():\n    pass\n"
+    )
     assert gc.find_cuda_tests(str(tmp_path)) == [
         "tests/test_a.py::test_on_gpu",
         "tests/test_b.py::test_alias",
         "tests/test_c.py::test_one",
         "tests/test_c.py::test_two",
+        "tests/layers/test_d.py::test_marked",
     ]
 
 
 def test_find_cuda_tests_in_repo():
     ids = gc.find_cuda_tests(os.path.join(REPO, "tests"))
     for known in (
-        "tests/test_modules.py::test_aligned_attention_cuda_matches_cpu",
-        "tests/test_dtype_device.py::test_harretinanet_cuda_autocast_fp16_train_and_infer",
+        "tests/modeling/test_modules.py::test_aligned_attention_cuda_matches_cpu",
+        "tests/modeling/test_dtype_device.py::test_harretinanet_cuda_autocast_fp16_train_and_infer",
     ):
         assert known in ids
 

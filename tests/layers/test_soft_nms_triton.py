@@ -12,11 +12,16 @@ import torch
 
 triton = pytest.importorskip("triton")
 
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 # Runs in the subprocess: every case through the kernel, the slow definition (one category
 # at a time, float64, first maximum wins) and the numba loop; prints the largest relative
 # score difference per case, and whether keep and order were equal.
 _CHECK = r'''
-import json, math, torch
+import json, math, sys, torch
+import numpy as np
+sys.path[:0] = [sys.argv[1] + "/layers"]
+from test_fuzz_postprocess import KINDS, _boxes
 from harnet.layers import _soft_nms_numba, _soft_nms_triton as T
 from harnet.layers.soft_nms import _by_decreasing_score
 
@@ -69,12 +74,20 @@ def rel(a, b):
 one = (torch.tensor([[0.0, 0, 10, 10]], dtype=torch.float64), torch.tensor([0.7], dtype=torch.float64),
        torch.zeros(1, dtype=torch.int64))
 empty = (one[0][:0], one[1][:0], one[2][:0])
+def fuzz(kind, seed, n=24):
+    rng = np.random.default_rng(seed)
+    boxes = torch.from_numpy(_boxes(rng, n, kind))
+    return boxes, torch.from_numpy(rng.random(n)), torch.from_numpy(rng.integers(0, 3, n))
+
 cases = {"empty": empty, "one": one, "random": scene(60, 3, 0), "ties": scene(30, 2, 1, True),
-         "80 categories": scene(160, 80, 2), "dense": scene(100, 1, 3, spread=20.0)}
+         "80 categories": scene(160, 80, 2), "dense": scene(100, 1, 3, spread=20.0),
+         "thousands": scene(2000, 4, 4, spread=400.0)}
+cases.update({f"fuzz {kind}": fuzz(kind, i) for i, kind in enumerate(KINDS)})
+settings = [("gaussian", 0.3, 0.001), ("linear", 0.5, 0.0), ("gaussian", 0.3, 0.2)]
 out = {}
 for name, (b, s, i) in cases.items():
-    for method, thr, score_thr in [("gaussian", 0.3, 0.001), ("linear", 0.5, 0.0),
-                                   ("gaussian", 0.3, 0.2)]:
+    # Large and fuzz cases: one setting each (the interpreter is slow).
+    for method, thr, score_thr in settings[2:] if name == "thousands" or "fuzz" in name else settings:
         k, ks = kernel(b, s, i, method, 0.5, thr, score_thr)
         dk, ds = definition(b, s, i, method, 0.5, thr, score_thr)
         cand = torch.nonzero(s >= score_thr).squeeze(1)
@@ -91,8 +104,9 @@ print(json.dumps(out))
 def interpreted_results():
     env = dict(os.environ, TRITON_INTERPRET="1")
     done = subprocess.run(
-        [sys.executable, "-c", _CHECK], env=env, capture_output=True, text=True, timeout=300
-    )
+        [sys.executable, "-c", _CHECK, TESTS], env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.strip().splitlines()[-1])
     print(json.dumps(results, indent=1))  # the equality numbers, shown with pytest -s
@@ -100,13 +114,14 @@ def interpreted_results():
 
 
 def test_kernel_matches_definition_and_numba_under_interpreter(interpreted_results):
-    assert len(interpreted_results) == 18
+    assert len(interpreted_results) == 6 * 3 + 1 + 7
     for case, r in interpreted_results.items():
         assert r["same_keep"], case
         assert r["rel_definition"] <= 1e-6, (case, r)
         assert r["rel_numba"] <= 1e-6, (case, r)
     assert interpreted_results["empty/gaussian/0.3/0.001"]["kept"] == 0
     assert interpreted_results["one/linear/0.5/0.0"]["kept"] == 1
+    assert interpreted_results["thousands/gaussian/0.3/0.2"]["kept"] > 500
 
 
 def test_unsupported_inputs_fall_back_to_pytorch():

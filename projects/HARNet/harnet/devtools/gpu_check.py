@@ -22,7 +22,9 @@ On one GPU (default; at most about 8 minutes) it runs, in this order:
    ``torch.cuda.max_memory_allocated``), with ratios.
 5. ``postprocess``: ``batched_nms`` (baseline), soft-NMS, box voting and
    ``suppress_detections`` on a COCO-like and a dense single-class candidate set (the
-   generators of ``dev/benchmark_postprocess.py``).
+   generators of ``dev/benchmark_postprocess.py``); soft-NMS + voting through the Triton
+   kernels and through the PyTorch fallback (``HARNET_SOFT_NMS_TRITON=0``,
+   ``HARNET_BOX_VOTING_TRITON=0``), with the kernels' targets as ratios.
 
 ``--cpu --quick`` runs the same steps on the CPU at tiny sizes (ResNet-18 with a 32-channel
 FPN, 64x96 images, batches 2 and 4, 4 training iterations) in a few minutes;
@@ -95,7 +97,15 @@ QUICK_OPTS = [
     "8",
 ]
 HARNET_CFG, RETINANET_CFG = "har_R_50_FPN_1x.yaml", "har_R_50_FPN_1x_baseline.yaml"
-TARGETS = {"train_ratio": 1.35, "infer_ratio": 1.30, "gaussian_coco_ms": 1.0}
+TARGETS = {
+    "train_ratio": 1.35,
+    "infer_ratio": 1.30,
+    "gaussian_coco_ms": 1.0,
+    # Soft-NMS + box voting on the GPU (Triton kernels): ms against batched_nms on COCO-like
+    # candidates (at most), speed-up over the PyTorch fallback on dense ones (at least).
+    "kernels_vs_nms": 3.0,
+    "kernels_vs_fallback": 10.0,
+}
 
 # Tolerances (relative: max |subject - reference| / max |reference|).
 TOL_FWD, TOL_GRAD = 1e-4, 1e-3  # float32 vs float32 (other device) or float64
@@ -1024,6 +1034,14 @@ def _time_ms(fn, repeats, device):
     return statistics.median(times)
 
 
+@contextlib.contextmanager
+def _without_triton():
+    """Soft-NMS and box voting on their PyTorch fallback (the Triton kernels switched off)."""
+    off = {"HARNET_SOFT_NMS_TRITON": "0", "HARNET_BOX_VOTING_TRITON": "0"}
+    with mock.patch.dict(os.environ, off):
+        yield
+
+
 def section_postprocess(args, sizes):
     from torchvision.ops import batched_nms
 
@@ -1034,11 +1052,29 @@ def section_postprocess(args, sizes):
     for set_name, cands in _candidate_sets(sizes).items():
         b, s, c = (t.to(dev) for t in cands)
         k, ks = batched_soft_nms(b, s, c, "gaussian")
+
+        def soft_nms_and_voting():
+            keep, kept_scores = batched_soft_nms(b, s, c, "gaussian", 0.5)
+            return batched_box_voting(b[keep], kept_scores, c[keep], b, s, c, 0.6, "caffe")
+
+        def on_fallback(fn):
+            def run():
+                with _without_triton():
+                    return fn()
+
+            return run
+
+        voting = lambda: batched_box_voting(b[k], ks, c[k], b, s, c, 0.6, "caffe")  # noqa: E731
         ops = {
             "torchvision batched_nms (baseline)": lambda: batched_nms(b, s, c, 0.5),
             "soft-NMS gaussian": lambda: batched_soft_nms(b, s, c, "gaussian", 0.5),
             "soft-NMS linear": lambda: batched_soft_nms(b, s, c, "linear", 0.5, 0.5),
-            "box voting caffe": lambda: batched_box_voting(b[k], ks, c[k], b, s, c, 0.6, "caffe"),
+            "box voting caffe": voting,
+            "box voting caffe, PyTorch fallback": on_fallback(voting),
+            "soft-NMS gaussian + box voting caffe": soft_nms_and_voting,
+            "soft-NMS gaussian + box voting caffe, PyTorch fallback": on_fallback(
+                soft_nms_and_voting
+            ),
             "suppress_detections, authors' settings": lambda: suppress_detections(
                 b, s, c, **bp.AUTHORS
             ),
@@ -1054,18 +1090,34 @@ def section_postprocess(args, sizes):
                 else None
             )
             text = f"{op}, {set_name}, {dev}: ms (x{ms / base:.1f} batched_nms)"
-            met = None if target is None else ms <= target
-            gate = target is not None and dev == "cuda" and not sizes.quick
-            rows.append(
-                row(
-                    text + ("" if target is None or gate else " (GPU target; informative here)"),
-                    ms,
-                    target if target else "",
-                    met if gate else True,
-                    target_met=met,
-                )
-            )
+            rows.append(_target_row(text, ms, target, ms <= (target or 0), dev, sizes))
+        rows.append(_kernel_ratio_row(set_name, timings, dev, sizes))
     return dict(info=dict(timings_ms=timings, repeats=sizes.pp_repeats), rows=rows)
+
+
+def _target_row(text, value, target, met, dev, sizes):
+    """A timing row; its target gates only on a GPU at full size."""
+    gate = target is not None and dev == "cuda" and not sizes.quick
+    suffix = "" if target is None or gate else " (GPU target; informative here)"
+    return row(text + suffix, value, target if target else "", met if gate else True,
+               target_met=None if target is None else met)  # fmt: skip
+
+
+def _kernel_ratio_row(set_name, timings, dev, sizes):
+    """Soft-NMS + voting through the kernels: within TARGETS["kernels_vs_nms"] x
+    batched_nms on COCO-like candidates; TARGETS["kernels_vs_fallback"] x faster than the
+    PyTorch fallback on dense ones."""
+    op = f"{set_name} | soft-NMS gaussian + box voting caffe"
+    kernels = timings[op]
+    if set_name.startswith("COCO"):
+        ratio = kernels / timings[f"{set_name} | torchvision batched_nms (baseline)"]
+        target = TARGETS["kernels_vs_nms"]
+        text = f"soft-NMS + voting / batched_nms, {set_name}, {dev}: ratio"
+        return _target_row(text, ratio, target, ratio <= target, dev, sizes)
+    ratio = timings[op + ", PyTorch fallback"] / kernels
+    target = TARGETS["kernels_vs_fallback"]
+    text = f"PyTorch fallback / kernels, soft-NMS + voting, {set_name}, {dev}: speed-up (>=)"
+    return _target_row(text, ratio, target, ratio >= target, dev, sizes)
 
 
 # ---------------------------------------------------------------------------- report

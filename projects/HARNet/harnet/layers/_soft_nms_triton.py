@@ -6,7 +6,8 @@ definition does (:mod:`._soft_nms_numba`): per step, a block-wide first argmax p
 best remaining box (ties: lowest index), every other box is decayed by its IoU with it,
 boxes below ``score_threshold`` (or with weight 0) are dropped. No kernel launch and no
 host synchronisation per step; all categories run in parallel. Arithmetic in float64 and
-multiplicative decays, as :mod:`._soft_nms_numba`, whose results it reproduces.
+multiplicative decays, as :mod:`._soft_nms_numba`, whose results it reproduces (no FMA
+contraction, so the GPU rounds as the CPU does).
 
 Triton is optional: :func:`available` is False without it (or with
 ``HARNET_SOFT_NMS_TRITON=0``) and callers use :mod:`._soft_nms_torch`. Under
@@ -95,6 +96,7 @@ def greedy_soft_nms_triton(
         keep_pos, kept_scores, counts,
         float(sigma), float(iou_threshold), float(score_threshold),
         METHOD=_METHOD_CODES[method], BLOCK=block, num_warps=min(16, max(1, block // 256)),
+        enable_fp_fusion=False,  # no FMA contraction: the definition's rounding
     )  # fmt: skip
     # Category g wrote its kept boxes to [starts[g], starts[g] + counts[g]).
     sizes = starts[1:] - starts[:-1]

@@ -16,6 +16,7 @@ from typing import List, Tuple
 import torch
 from torch import Tensor
 
+from . import _box_voting_triton
 from ._box_ops import (
     box_area,
     box_checks,
@@ -150,7 +151,7 @@ def batched_box_voting(
         message = "candidate_scores must be non-negative (they weight the mean)"
         value_checks.append(((candidate_scores >= 0).all(), message))
     raise_failed(value_checks)  # one host synchronisation for all value checks
-    return batched_box_voting_scriptable(
+    return box_voting_eager(
         boxes,
         scores,
         idxs,
@@ -194,13 +195,9 @@ def batched_box_voting_scriptable(
     out_boxes, out_scores = boxes.clone(), scores.clone()
     if boxes.shape[0] == 0 or candidate_boxes.shape[0] == 0:
         return out_boxes, out_scores
-    dtype = torch.float64 if boxes.dtype == torch.float64 else torch.float32
-    scale = pow2_scale([boxes, candidate_boxes])  # exact; no overflowing areas or sums
-    kb, k_idx, k_order = _sorted_by_category_and_x1(boxes.to(dtype) * scale, idxs)
-    cb, c_idx, c_order = _sorted_by_category_and_x1(
-        candidate_boxes.to(dtype) * scale, candidate_idxs
+    kb, ks, k_idx, k_order, cb, cs, c_idx, c_order, scale = _sorted_inputs(
+        boxes, scores, idxs, candidate_boxes, candidate_scores, candidate_idxs
     )
-    ks, cs = scores.to(dtype)[k_order], candidate_scores.to(dtype)[c_order]
     rows, cols, iou = _overlapping_pairs(kb, k_idx, cb, c_idx, iou_threshold, pair_budget)
     if scoring == "unclaimed_top4":
         voted_boxes, voted_scores, has = _unclaimed_top4_voting(
@@ -210,7 +207,86 @@ def batched_box_voting_scriptable(
         voted_boxes, voted_scores, has = _weighted_voting(
             kb, ks, cb, cs, rows, cols, iou, iou_threshold, scoring
         )
-    # Back to the input order, and to the input scale and dtype.
+    return _in_input_order(out_boxes, out_scores, voted_boxes, voted_scores, has, k_order, scale)
+
+
+@torch.jit.unused
+def box_voting_eager(
+    boxes: Tensor,
+    scores: Tensor,
+    idxs: Tensor,
+    candidate_boxes: Tensor,
+    candidate_scores: Tensor,
+    candidate_idxs: Tensor,
+    iou_threshold: float,
+    scoring: str,
+) -> Tuple[Tensor, Tensor]:
+    """:func:`batched_box_voting_scriptable` in eager mode: the Triton kernels on CUDA
+    tensors when triton is installed (not while ``torch.compile`` traces), else the
+    PyTorch ops. Same results (float64 sums in the kernels)."""
+    args = (boxes, scores, idxs, candidate_boxes, candidate_scores, candidate_idxs)
+    if boxes.device.type == "cuda" and _box_voting_triton.available():
+        if not torch.compiler.is_compiling():
+            return _kernel_box_voting(*args, iou_threshold, scoring)
+    return batched_box_voting_scriptable(*args, iou_threshold, scoring)
+
+
+def _kernel_box_voting(
+    boxes: Tensor,
+    scores: Tensor,
+    idxs: Tensor,
+    candidate_boxes: Tensor,
+    candidate_scores: Tensor,
+    candidate_idxs: Tensor,
+    iou_threshold: float,
+    scoring: str,
+) -> Tuple[Tensor, Tensor]:
+    """The Triton path of :func:`box_voting_eager` on any device (CPU tensors need
+    ``TRITON_INTERPRET=1``)."""
+    out_boxes, out_scores = boxes.clone(), scores.clone()
+    if boxes.shape[0] == 0 or candidate_boxes.shape[0] == 0:
+        return out_boxes, out_scores
+    kb, ks, k_idx, k_order, cb, cs, c_idx, c_order, scale = _sorted_inputs(
+        boxes, scores, idxs, candidate_boxes, candidate_scores, candidate_idxs
+    )
+    lo, hi = _candidate_windows(kb, k_idx, cb, c_idx, iou_threshold)
+    voted_boxes, voted_scores, has = _box_voting_triton.sorted_box_voting_triton(
+        kb, ks, k_order, cb, cs, c_order, lo, hi, iou_threshold, scoring
+    )
+    return _in_input_order(out_boxes, out_scores, voted_boxes, voted_scores, has, k_order, scale)
+
+
+def _sorted_inputs(
+    boxes: Tensor,
+    scores: Tensor,
+    idxs: Tensor,
+    candidate_boxes: Tensor,
+    candidate_scores: Tensor,
+    candidate_idxs: Tensor,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Kept boxes and candidates rescaled (:func:`pow2_scale`) in float32 or float64 and
+    sorted by (category, x1): ``kb, ks, k_idx, k_order, cb, cs, c_idx, c_order, scale``."""
+    dtype = torch.float64 if boxes.dtype == torch.float64 else torch.float32
+    scale = pow2_scale([boxes, candidate_boxes])  # exact; no overflowing areas or sums
+    kb, k_idx, k_order = _sorted_by_category_and_x1(boxes.to(dtype) * scale, idxs)
+    cb, c_idx, c_order = _sorted_by_category_and_x1(
+        candidate_boxes.to(dtype) * scale, candidate_idxs
+    )
+    ks, cs = scores.to(dtype)[k_order], candidate_scores.to(dtype)[c_order]
+    return kb, ks, k_idx, k_order, cb, cs, c_idx, c_order, scale
+
+
+def _in_input_order(
+    out_boxes: Tensor,
+    out_scores: Tensor,
+    voted_boxes: Tensor,
+    voted_scores: Tensor,
+    has: Tensor,
+    k_order: Tensor,
+    scale: Tensor,
+) -> Tuple[Tensor, Tensor]:
+    """The voted boxes and scores (sorted order, rescaled) back in input order, scale and
+    dtype; where ``has`` is False, ``out_boxes`` / ``out_scores`` unchanged."""
     has_in_order = torch.zeros_like(has).index_copy_(0, k_order, has)
     voted_in_order = torch.empty_like(voted_boxes).index_copy_(0, k_order, voted_boxes)
     scores_in_order = torch.empty_like(voted_scores).index_copy_(0, k_order, voted_scores)

@@ -21,7 +21,11 @@ from torch import Tensor
 from torchvision.ops import batched_nms
 
 from ._box_ops import box_checks, check_category_indices, score_checks
-from .box_voting import batched_box_voting_scriptable, canonical_voting_scoring
+from .box_voting import (
+    batched_box_voting_scriptable,
+    box_voting_eager,
+    canonical_voting_scoring,
+)
 from .soft_nms import (
     SOFT_NMS_METHODS,
     batched_soft_nms_scriptable,
@@ -125,7 +129,8 @@ def suppress_detections_scriptable(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """:func:`suppress_detections` without argument checks (``voting_scoring`` canonical):
     TorchScript-compatible, the same detections. ``eager=True`` (not scripted) lets
-    soft-NMS run numba's compiled loop on CPU; otherwise PyTorch ops only."""
+    soft-NMS run numba's compiled loop on CPU, and soft-NMS and box voting their Triton
+    kernels on CUDA tensors; otherwise PyTorch ops only (what exports use)."""
     if nms_type == "hard":
         # float32 for torchvision's kernel (no half-precision CPU nms; one dtype for both).
         keep = batched_nms(boxes.float(), scores.float(), classes, iou_threshold)
@@ -141,9 +146,16 @@ def suppress_detections_scriptable(
     kept_boxes, kept_classes = boxes[keep], classes[keep]
     if voting:
         # Vote with all kept boxes: the new scores can change which ones make the top K.
-        kept_boxes, new_scores = batched_box_voting_scriptable(
-            kept_boxes, new_scores, kept_classes, boxes, scores, classes, voting_iou, voting_scoring
-        )
+        if eager and not torch.jit.is_scripting():
+            kept_boxes, new_scores = box_voting_eager(
+                kept_boxes, new_scores, kept_classes, boxes, scores, classes, voting_iou,
+                voting_scoring,
+            )  # fmt: skip
+        else:
+            kept_boxes, new_scores = batched_box_voting_scriptable(
+                kept_boxes, new_scores, kept_classes, boxes, scores, classes, voting_iou,
+                voting_scoring,
+            )  # fmt: skip
     return _best_detections(
         kept_boxes,
         new_scores,

@@ -222,11 +222,12 @@ def box_voting_eager(
     scoring: str,
 ) -> Tuple[Tensor, Tensor]:
     """:func:`batched_box_voting_scriptable` in eager mode: the Triton kernels on CUDA
-    tensors when triton is installed (not while ``torch.compile`` traces), else the
-    PyTorch ops. Same results (float64 sums in the kernels)."""
+    tensors when triton is installed (not while ``torch.compile``, ``torch.export`` or
+    ``torch.jit.trace`` traces: exports get the portable ops), else the PyTorch ops. Same
+    results (float64 sums in the kernels)."""
     args = (boxes, scores, idxs, candidate_boxes, candidate_scores, candidate_idxs)
     if boxes.device.type == "cuda" and _box_voting_triton.available():
-        if not torch.compiler.is_compiling():
+        if not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
             return _kernel_box_voting(*args, iou_threshold, scoring)
     return batched_box_voting_scriptable(*args, iou_threshold, scoring)
 

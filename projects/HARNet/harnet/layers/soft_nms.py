@@ -173,7 +173,7 @@ def soft_nms_eager(
     is installed (categories of at most ``_soft_nms_triton.MAX_GROUP`` boxes), else
     :func:`batched_soft_nms_scriptable`."""
     if boxes.device.type == "cuda" and _soft_nms_triton.available() and method != "hard":
-        if not torch.compiler.is_compiling():
+        if not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
             candidates = torch.nonzero(scores >= score_threshold).squeeze(1)
             box_index, starts, largest = _soft_nms_triton.group_candidates(idxs, candidates)
             if _soft_nms_triton.supports(method, largest):

@@ -159,3 +159,72 @@ def test_invalid_config_values_name_the_key(key, value, match):
     cfg = set_keys(_cfg(), **{key: value})
     with pytest.raises(ValueError, match=match):
         postprocess_params_from_cfg(cfg)
+
+
+# ------------------------------------------------------------------ non-finite candidates
+def _with_non_finite(n=120):
+    """Candidates where a few have a NaN / inf score or coordinate, and the finite rest."""
+    boxes, scores, classes = _candidates(n)
+    bad = torch.zeros(n, dtype=torch.bool)
+    bad[[3, 10, 11, 50, 77]] = True
+    boxes, scores = boxes.clone(), scores.clone()
+    scores[3], scores[10] = float("nan"), float("inf")
+    boxes[11, 2], boxes[50, 0], boxes[77] = float("inf"), float("-inf"), float("nan")
+    return (boxes, scores, classes), (boxes[~bad], scores[~bad], classes[~bad])
+
+
+PATHS = [
+    dict(nms_type="hard"),
+    dict(nms_type="hard", voting=True),
+    dict(nms_type="linear", voting=True, voting_scoring="avg"),
+    dict(nms_type="gaussian"),
+    dict(nms_type="gaussian", voting=True, voting_scoring="caffe"),
+]
+
+
+@pytest.mark.parametrize("params", PATHS, ids=lambda p: "-".join(map(str, p.values())))
+def test_non_finite_candidates_are_dropped_on_every_path(params, monkeypatch):
+    from harnet.layers import postprocess
+
+    monkeypatch.setattr(postprocess, "_warned_non_finite", False)
+    with_bad, finite = _with_non_finite()
+    with pytest.warns(RuntimeWarning, match="dropped 5 candidate"):
+        got = suppress_detections(*with_bad, **params, max_detections=1000)
+    expected = suppress_detections(*finite, **params, max_detections=1000)
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+    assert torch.isfinite(got[0]).all() and torch.isfinite(got[1]).all() and len(got[1]) > 10
+    # The exported (TorchScript) post-processing drops them too, silently.
+    scripted = postprocess.scripted_suppress_detections()
+    canonical = dict(params, voting_scoring="unclaimed_top4") if "caffe" in params.values() else params
+    args = {**dict(nms_type="hard", iou_threshold=0.5, soft_nms_sigma=0.5,
+                   soft_nms_min_score=0.001, voting=False, voting_iou=0.6, voting_scoring="max",
+                   max_detections=1000, min_score=0.0), **canonical}  # fmt: skip
+    for a, b in zip(scripted(*with_bad, *args.values()), expected):
+        torch.testing.assert_close(a, b)
+
+
+def test_non_finite_warning_once_per_process(monkeypatch):
+    import warnings
+
+    from harnet.layers import postprocess
+
+    monkeypatch.setattr(postprocess, "_warned_non_finite", False)
+    with_bad, _ = _with_non_finite()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            suppress_detections(*with_bad, nms_type="gaussian", voting=True)
+    assert [str(w.message)[:40] for w in caught if w.category is RuntimeWarning] == [
+        "suppress_detections: dropped 5 candidate"
+    ]
+
+
+def test_all_non_finite_gives_no_detections(monkeypatch):
+    from harnet.layers import postprocess
+
+    monkeypatch.setattr(postprocess, "_warned_non_finite", True)
+    boxes = torch.full((4, 4), float("nan"))
+    got = suppress_detections(boxes, torch.rand(4), torch.zeros(4, dtype=torch.long),
+                              nms_type="gaussian", voting=True)  # fmt: skip
+    assert [t.shape[0] for t in got] == [0, 0, 0]

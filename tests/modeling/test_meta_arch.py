@@ -298,3 +298,33 @@ def test_attention_maps_without_spatial_attention_names_the_key():
     model = build_model(har_cfg(SPATIAL=False)).eval()
     with pytest.raises(RuntimeError, match="MODEL.HARNET.SPATIAL.ENABLED"):
         model.attention_maps(make_inputs(with_instances=False))
+
+
+@pytest.mark.parametrize("nms_type", ["hard", "gaussian"])
+def test_inference_with_non_finite_deltas_drops_those_candidates(full_model, nms_type):
+    # A diverged model: NaN / inf box deltas at some anchors. Inference goes on (soft-NMS and
+    # voting included) and no detection is non-finite.
+    import warnings
+
+    model = copy.deepcopy(full_model).eval()
+    model.postprocess_params = dict(model.postprocess_params, nms_type=nms_type, voting=True)
+    predictors = [m for n, m in model.head.named_modules() if n.endswith("bbox_pred")]
+
+    def poison(module, args, out):
+        out = out.clone()
+        out[:, 0, :2, :2] = float("nan")
+        out[:, 1, 2:4, :2] = float("inf")
+        return out
+
+    hooks = [p.register_forward_hook(poison) for p in predictors]
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            out = model(make_inputs(with_instances=False))
+    finally:
+        for h in hooks:
+            h.remove()
+    for o in out:
+        inst = o["instances"]
+        assert len(inst) > 0
+        assert torch.isfinite(inst.pred_boxes.tensor).all() and torch.isfinite(inst.scores).all()

@@ -10,7 +10,8 @@ CONTRACT (used by harnet.modeling.meta_arch and harnet.tta; keep the signature):
            decreasing score, K <= max_detections.
 
 With nms_type="hard" and voting=False it must equal Detectron2 RetinaNet's
-`batched_nms(boxes, scores, classes, iou_threshold)[:max_detections]`.
+`batched_nms(boxes, scores, classes, iou_threshold)[:max_detections]` on finite candidates;
+non-finite ones are dropped.
 """
 
 import warnings
@@ -81,7 +82,9 @@ def suppress_detections(
         boxes (Tensor[K, 4]), scores (Tensor[K]), classes (Tensor[K] int64): the kept
         detections sorted by decreasing score, ``K <= max_detections``. With
         ``nms_type="hard"`` and no voting: exactly
-        ``batched_nms(boxes, scores, classes, iou_threshold)[:max_detections]``.
+        ``batched_nms(boxes, scores, classes, iou_threshold)[:max_detections]`` (for
+        finite inputs). Candidates with a non-finite score or box are dropped first, on
+        every path (one ``RuntimeWarning`` per process with their number).
     """
     if nms_type not in SOFT_NMS_METHODS:
         raise ValueError(f"nms_type must be one of {SOFT_NMS_METHODS}, got {nms_type!r}")
@@ -97,10 +100,15 @@ def suppress_detections(
     )  # fmt: skip
     if torch.jit.is_tracing():
         return scripted_suppress_detections()(boxes, scores, classes, *args)
+    box_checks(boxes)  # shapes and dtypes (the values: below)
+    score_checks(scores, boxes.shape[0])
+    check_category_indices(classes, boxes.shape[0], "classes", "boxes")
+    boxes, scores, classes, dropped = drop_non_finite(boxes, scores, classes)
+    if dropped:
+        _warn_dropped(dropped)
     if nms_type != "hard" or voting:
         # Soft-NMS and voting weigh by the scores: checked inputs (one host sync).
         value_checks = box_checks(boxes) + score_checks(scores, boxes.shape[0])
-        check_category_indices(classes, boxes.shape[0], "classes", "boxes")
         if voting and nms_type == "hard" and scores.numel():
             # (Soft-NMS checks the same for its own reason, below.)
             message = "scores must be non-negative for box voting (they weight the mean)"
@@ -128,9 +136,11 @@ def suppress_detections_scriptable(
     eager: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """:func:`suppress_detections` without argument checks (``voting_scoring`` canonical):
-    TorchScript-compatible, the same detections. ``eager=True`` (not scripted) lets
+    TorchScript-compatible, the same detections (non-finite candidates dropped silently). ``eager=True`` (not scripted) lets
     soft-NMS run numba's compiled loop on CPU, and soft-NMS and box voting their Triton
     kernels on CUDA tensors; otherwise PyTorch ops only (what exports use)."""
+    if not eager:  # (eager: the caller did)
+        boxes, scores, classes, _ = drop_non_finite(boxes, scores, classes)
     if nms_type == "hard":
         # float32 for torchvision's kernel (no half-precision CPU nms; one dtype for both).
         keep = batched_nms(boxes.float(), scores.float(), classes, iou_threshold)
@@ -164,6 +174,36 @@ def suppress_detections_scriptable(
         max_detections,
         min_score,
     )
+
+
+def drop_non_finite(
+    boxes: Tensor, scores: Tensor, classes: Tensor
+) -> Tuple[Tensor, Tensor, Tensor, int]:
+    """The candidates whose score and four coordinates are finite, and how many were
+    dropped. A diverged model's NaN / inf never becomes a detection, nor a finite box by
+    way of a weighted mean; the inputs themselves when all are finite (one host sync)."""
+    finite = torch.isfinite(scores) & torch.isfinite(boxes).all(dim=1)
+    if bool(finite.all()):
+        return boxes, scores, classes, 0
+    keep = torch.nonzero(finite).squeeze(1)
+    return boxes[keep], scores[keep], classes[keep], int(finite.shape[0] - keep.shape[0])
+
+
+_warned_non_finite = False
+
+
+def _warn_dropped(count: int) -> None:
+    """Once per process: a model that outputs NaN / inf says so, without flooding the log."""
+    global _warned_non_finite
+    if not _warned_non_finite:
+        _warned_non_finite = True
+        warnings.warn(
+            f"suppress_detections: dropped {count} candidate(s) with a non-finite score or "
+            "box (NaN/inf; a diverged model?); they are dropped silently from now on in this "
+            "process",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 _scripted = None

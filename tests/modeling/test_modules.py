@@ -431,3 +431,34 @@ def test_gradients_reach_every_parameter(build, inputs):
     assert params
     for name, p in params.items():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+# ------------------------------------------------------------------ TorchScript
+@pytest.mark.parametrize("name", ["aligned", "spatial", "clgn", "se"])
+def test_attention_modules_script_save_reload_and_match_eager(name, tmp_path):
+    import io
+    import warnings
+
+    torch.manual_seed(0)
+    levels = [torch.randn(2, 64, s, s + 1) for s in (16, 8, 4, 2, 1)]
+    module, inputs = {
+        "aligned": (AlignedAttention(64, 32, 4, 8), torch.randn(2, 64, 9, 11)),
+        "spatial": (SpatialAttention(64, 16), torch.randn(2, 64, 9, 11)),
+        "clgn": (CrossLevelGroupNorm(8, 64), levels),
+        "se": (CrossLevelSE(64, 5, 16), levels),
+    }[name]
+    module.eval()
+    with warnings.catch_warnings():  # torch >= 2.10 marks TorchScript deprecated
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.script(module)
+        buffer = io.BytesIO()
+        torch.jit.save(scripted, buffer)
+        buffer.seek(0)
+        reloaded = torch.jit.load(buffer)
+    with torch.no_grad():
+        expected = module(inputs)
+        for got in (scripted(inputs), reloaded(inputs)):
+            if isinstance(expected, torch.Tensor):
+                assert torch.equal(got, expected)
+            else:
+                assert all(torch.equal(g, e) for g, e in zip(got, expected))

@@ -101,7 +101,7 @@ class AlignedAttention(nn.Module):
         if not torch.jit.is_tracing() and (x.dim() != 4 or x.shape[1] != self.in_channels):
             raise ValueError(
                 f"AlignedAttention: x must have shape (N, {self.in_channels}, H, W), "
-                f"got {tuple(x.shape)}"
+                f"got {list(x.shape)}"
             )
         a = F.relu(self.norm1(self.conv1(x)))
         out = F.relu(self.norm2(self._deform(a, self._safe_offsets(self.conv2_offset(a)))))
@@ -114,8 +114,13 @@ class AlignedAttention(nn.Module):
         # on every device and return the input's dtype, as CUDA autocast does.
         c = self.conv2
         dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
-        if a.dtype == offset.dtype == c.weight.dtype == dtype:
+        if a.dtype == offset.dtype and a.dtype == c.weight.dtype and a.dtype == dtype:
             return c(a, offset)
+        return self._deform_reduced_precision(a, offset, dtype)
+
+    @torch.jit.unused  # (TorchScript has no autocast context: scripted models run float32)
+    def _deform_reduced_precision(self, a: Tensor, offset: Tensor, dtype: torch.dtype) -> Tensor:
+        c = self.conv2
         with torch.autocast(a.device.type, enabled=False):
             out = deform_conv2d(a.to(dtype), offset.to(dtype), c.weight.to(dtype), stride=c.stride,
                                 padding=c.padding, dilation=c.dilation)  # fmt: skip

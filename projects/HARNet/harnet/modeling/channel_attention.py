@@ -53,7 +53,7 @@ class CrossLevelSE(nn.Module):
             nn.init.normal_(fc.weight, std=0.01)
             nn.init.constant_(fc.bias, 0)
 
-    def _check_inputs(self, features: Sequence[Tensor]) -> None:
+    def _check_inputs(self, features: List[Tensor]) -> None:
         if not isinstance(features, (list, tuple)):
             raise TypeError(
                 "CrossLevelSE: features must be a list of (N, C, H, W) tensors, "
@@ -71,15 +71,15 @@ class CrossLevelSE(nn.Module):
             if f.dim() != 4 or f.shape[1] != self.channels or f.shape[0] != n:
                 raise ValueError(
                     f"CrossLevelSE: features[{i}] must have shape ({n}, {self.channels}, H, W), "
-                    f"got {tuple(f.shape)}"
+                    f"got {list(f.shape)}"
                 )
 
-    def _transform(self, features: Sequence[Tensor]) -> List[Tensor]:
+    def _transform(self, features: List[Tensor]) -> List[Tensor]:
         if self.conv is None:
             return list(features)
         return [F.relu(self.conv(f)) for f in features]
 
-    def _weights(self, g: Sequence[Tensor]) -> Tensor:
+    def _weights(self, g: List[Tensor]) -> Tensor:
         pooled = torch.cat([x.mean(dim=(2, 3)) for x in g], dim=1)  # (N, L*C), level-major
         return torch.sigmoid(self.fc2(F.relu(self.fc1(pooled))))
 

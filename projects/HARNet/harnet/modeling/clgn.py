@@ -57,7 +57,7 @@ class CrossLevelGroupNorm(nn.Module):
             nn.init.ones_(self.weight)
             nn.init.zeros_(self.bias)
 
-    def _check_inputs(self, features: Sequence[Tensor]) -> None:
+    def _check_inputs(self, features: List[Tensor]) -> None:
         if not isinstance(features, (list, tuple)):
             raise TypeError(
                 "CrossLevelGroupNorm: features must be a list of (N, C, H, W) tensors, "
@@ -67,22 +67,22 @@ class CrossLevelGroupNorm(nn.Module):
             raise ValueError("CrossLevelGroupNorm: features is an empty list")
         if torch.jit.is_tracing():  # shape checks would freeze the traced sizes
             return
-        n = features[0].shape[0] if features[0].dim() > 0 else None
         for i, f in enumerate(features):
             if f.dim() < 2:
                 raise ValueError(
                     f"CrossLevelGroupNorm: features[{i}] must have shape (N, C, *), "
-                    f"got {tuple(f.shape)}"
+                    f"got {list(f.shape)}"
                 )
             if f.shape[1] != self.num_channels:
                 raise ValueError(
                     f"CrossLevelGroupNorm: features[{i}] has {f.shape[1]} channels, "
                     f"expected num_channels={self.num_channels}"
                 )
-            if f.shape[0] != n:
+            if f.shape[0] != features[0].shape[0]:
                 raise ValueError(
                     f"CrossLevelGroupNorm: features[{i}] has batch size {f.shape[0]}, "
-                    f"but features[0] has {n}; all levels must hold the same images"
+                    f"but features[0] has {features[0].shape[0]}; all levels must hold the "
+                    "same images"
                 )
 
     def forward(self, features: List[Tensor]) -> List[Tensor]:

@@ -267,7 +267,7 @@ class HARRetinaNetHead(RetinaNetHead):
         return {"predictions": predictions, "masks": masks}
 
     @staticmethod
-    def average_predictions(predictions: Sequence[Predictions]) -> Predictions:
+    def average_predictions(predictions: List[Predictions]) -> Predictions:
         """Mean over predictors of the logits and of the deltas, per level."""
         if len(predictions) == 1:
             return predictions[0]

@@ -84,7 +84,7 @@ class SpatialAttention(nn.Module):
         if not torch.jit.is_tracing() and (x.dim() != 4 or x.shape[1] != self.in_channels):
             raise ValueError(
                 f"SpatialAttention: x must have shape (N, {self.in_channels}, H, W), "
-                f"got {tuple(x.shape)}"
+                f"got {list(x.shape)}"
             )
         return torch.sigmoid(self.predictor(self.layers(x)))
 

@@ -18,7 +18,6 @@ Examples:
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -29,30 +28,12 @@ from detectron2.config import get_cfg
 from detectron2.utils.events import EventStorage
 
 from harnet.config import add_harnet_config
+from harnet.devtools import device_name
 from harnet.data import register_shapes_from_cfg
 from harnet.engine import HARNetTrainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CFG = os.path.join(REPO, "configs", "HARNet", "demo", "har_R18_shapes_demo.yaml")
-
-
-def cpu_name():
-    """The CPU's model name from /proc/cpuinfo (``platform.processor()`` elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def device_name(device):
-    """Human-readable name of ``device`` ("cpu" or "cuda[:i]"), with the core count."""
-    if str(device).startswith("cuda"):
-        return f"GPU {torch.cuda.get_device_name(torch.device(device))}"
-    return f"CPU {cpu_name()}, {len(os.sched_getaffinity(0))} cores, {torch.get_num_threads()} torch threads"
 
 
 def build_cfg(config_file, opts, output_dir):

@@ -20,15 +20,18 @@ method's minimum as a ratio of ensemble-boxes's.
 """
 
 import argparse
+import os
 import statistics
 import time
 import warnings
+from unittest import mock
 
 import numpy as np
 import torch
 from torchvision.ops import batched_nms
 from tqdm import tqdm
 
+from harnet.devtools import device_name
 from harnet.layers import weighted_boxes_fusion
 
 H, W = 800, 1200
@@ -114,6 +117,12 @@ def run_case(views, repeats, devices):
             _time_ms(ours, repeats, sync),
             len(ours()[0]),
         )
+        if device == "cpu":  # the tensor loop that a GPU runs (numba off), for comparison
+            with mock.patch.dict(os.environ, {"HARNET_WBF_NUMBA": "0"}):
+                results["harnet weighted_boxes_fusion (cpu, tensor loop: HARNET_WBF_NUMBA=0)"] = (
+                    _time_ms(ours, repeats, sync),
+                    len(ours()[0]),
+                )
         results[f"torchvision batched_nms ({device}, baseline of a plain suppression)"] = (
             _time_ms(nms, repeats, sync),
             len(nms()),
@@ -145,8 +154,8 @@ def main():
                 f"| {name}: {n_in} boxes, {n_cls} classes | {method} | {fastest:.2f} | "
                 f"{median:.2f} | {fastest / base:.3f} | {n_out} |"
             )
-    print(f"\n{args.views} views, <= {args.per_view} detections each, torch threads "
-          f"{args.threads}, {args.repeats} repeats\n")
+    print(f"\n{args.views} views, <= {args.per_view} detections each, {args.repeats} repeats; "
+          f"{device_name('cpu')}\n")
     print("| input | method | ms (min) | ms (median) | x ensemble-boxes (min) | boxes out |")
     print("|---|---|---|---|---|---|")
     print("\n".join(rows))

@@ -16,6 +16,15 @@ T = lambda *x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
 W, H = 640.0, 480.0  # image size of the pixel-coordinate inputs
 
 
+@pytest.fixture(autouse=True, params=["numba", "tensor loop"])
+def implementation(request, monkeypatch):
+    """Every test on both greedy loops: numba's (CPU default) and the tensor ops' (GPU, and
+    CPU without numba)."""
+    if request.param == "tensor loop":
+        monkeypatch.setenv("HARNET_WBF_NUMBA", "0")
+    return request.param
+
+
 def _random_views(seed, sizes, num_classes, dtype=torch.float64):
     """Per view: boxes inside the W x H image (clustered around a few objects so that views
     overlap), distinct scores, categories."""
@@ -297,3 +306,24 @@ def test_bad_input_names_the_argument():
         call(boxes=boxes[:, [2, 1, 0, 3]])  # x1 > x2
     with pytest.raises(TypeError, match="scores"):
         call(scores=scores.float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_numba_loop_is_bit_identical_to_tensor_loop(dtype, implementation, monkeypatch):
+    if implementation != "numba":
+        pytest.skip("compares the two loops once")
+    from harnet.layers import _wbf_numba
+
+    assert _wbf_numba.available()
+    cases = [([100, 100, 100], 1, 0.55), ([100] * 6, 1, 0.55), ([100, 100, 100], 80, 0.55),
+             ([30, 0, 45], 3, 0.3), ([60, 60], 2, 0.8), ([1], 1, 0.55), ([50, 50], 1, 0.0),
+             ([50, 50], 1, 1.0), ([100, 100, 100], 1, 0.1)]  # fmt: skip
+    for seed, (sizes, num_classes, iou) in enumerate(cases):
+        views = _random_views(seed, sizes, num_classes, dtype=dtype)
+        for conf_type in WBF_CONF_TYPES:
+            monkeypatch.delenv("HARNET_WBF_NUMBA", raising=False)
+            compiled = _wbf(views, iou=iou, conf_type=conf_type)
+            monkeypatch.setenv("HARNET_WBF_NUMBA", "0")
+            tensor_ops = _wbf(views, iou=iou, conf_type=conf_type)
+            for a, b in zip(compiled, tensor_ops):
+                assert torch.equal(a, b), (sizes, num_classes, iou, conf_type)

@@ -19,7 +19,8 @@ worst case, every box in one category, is one step per box), and categories are 
 their number of boxes so that the ones still running at step ``k`` are a prefix (plain
 slicing, no compaction). Everything that does not steer the assignment (cluster sizes,
 weight sums, views present, maxima) is computed once after the loop from the recorded
-assignment.
+assignment. On CPU tensors, numba's compiled version of the same loop
+(:mod:`._wbf_numba`, the same results bit for bit) replaces the tensor ops.
 """
 
 from typing import Optional, Sequence, Tuple, Union
@@ -27,6 +28,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from . import _wbf_numba
 from ._box_ops import box_checks, check_same_device, raise_failed, score_checks
 
 __all__ = ["weighted_boxes_fusion", "WBF_CONF_TYPES"]
@@ -100,7 +102,11 @@ def weighted_boxes_fusion(
         return boxes, weighted, classes
 
     grid = _to_grid(boxes, weighted, box_w, views, classes)
-    fused, sum_c, assign, num_clusters = _cluster(grid, iou_threshold)
+    # CPU: numba's compiled loop (the same bits); else, or without numba, the tensor loop.
+    if _wbf_numba.supports(grid["boxes"]) and _wbf_numba.available():
+        fused, sum_c, assign, num_clusters = _wbf_numba.cluster_numba(grid, iou_threshold)
+    else:
+        fused, sum_c, assign, num_clusters = _cluster(grid, iou_threshold)
     conf = _cluster_scores(grid, sum_c, assign, w, conf_type)
 
     exists = torch.arange(fused.shape[1], device=fused.device) < num_clusters[:, None]

@@ -38,6 +38,7 @@ from detectron2.utils.logger import setup_logger
 from ..d2_compat.info import install_mode
 from ..data.loaders import build_harnet_test_loader, build_harnet_train_loader
 from ..data.samplers import ResumableTrainLoader
+from ..modeling.any_detector import harnet_postprocess_from_cfg
 from ..solver import build_optimizer
 from .faults import (
     AtomicDetectionCheckpointer,
@@ -172,6 +173,13 @@ class HARNetTrainer(LossNormalizerStateMixin, DefaultTrainer):
         """
         super().train()
         return getattr(self, "_last_eval_results", None)
+
+    @classmethod
+    def build_model(cls, cfg):
+        """Detectron2's model; a Detectron2 detector (RetinaNet, FCOS, Faster / Mask R-CNN)
+        gets HAR-Net's post-processing when ``MODEL.HARNET.POSTPROCESS`` asks for it."""
+        model = super().build_model(cfg)
+        return harnet_postprocess_from_cfg(model, cfg)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

@@ -16,3 +16,6 @@ from .meta_arch import HARRetinaNet  # noqa: F401,E402
 from .anchors import RoundedAnchorGenerator  # noqa: F401,E402
 from .fpn import AuthorsFPN, build_harnet_resnet_authors_fpn_backbone  # noqa: F401,E402
 from .losses import per_level_normalized_losses  # noqa: F401,E402
+
+# HAR-Net's post-processing on Detectron2's own detectors (RetinaNet, FCOS, R-CNNs).
+from .any_detector import apply_harnet_postprocess  # noqa: F401,E402

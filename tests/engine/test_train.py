@@ -282,3 +282,34 @@ def test_register_coco_format_from_command_line(tmp_path, data_root):
     with pytest.raises(FileNotFoundError, match="nope.json"):
         run(["--config-file", DEMO_YAML, "--register-coco", "test_coco_bad",
              str(tmp_path / "nope.json"), train_images] + tiny_opts(data_root, out))
+
+
+def test_eval_only_of_a_model_zoo_detector_with_harnet_postprocessing(tmp_path, data_root):
+    # Detectron2's own RetinaNet from its model-zoo name, random weights, on the shapes val
+    # set: MODEL.HARNET.POSTPROCESS keys on the command line change its detections.
+    def detections(name, *keys):
+        d = str(tmp_path / name)
+        res = run(["--eval-only", "--config-file", "COCO-Detection/retinanet_R_50_FPN_1x.yaml"]
+                  + tiny_opts(data_root, d) + [
+                      "MODEL.WEIGHTS", "", "SEED", "1", "MODEL.RETINANET.NUM_CLASSES", "3",
+                      "DATASETS.TRAIN", "('harnet_shapes_train',)",
+                      "DATASETS.TEST", "('harnet_shapes_val',)", *keys])  # fmt: skip
+        check_bbox_metrics(res)
+        with open(os.path.join(d, "log.txt")) as f:
+            installed = "HAR-Net post-processing (MODEL.HARNET.POSTPROCESS)" in f.read()
+        with open(os.path.join(d, "inference", "coco_instances_results.json")) as f:
+            return json.load(f), installed
+
+    plain, plain_installed = detections("plain")
+    soft, soft_installed = detections(
+        "soft", "MODEL.HARNET.POSTPROCESS.NMS_TYPE", "gaussian",
+        "MODEL.HARNET.POSTPROCESS.VOTING.ENABLED", "True",
+    )  # fmt: skip
+    assert not plain_installed and soft_installed
+    assert plain != soft and len(soft) > 0
+
+
+def test_unknown_config_file_names_the_model_zoo(tmp_path):
+    args = argument_parser().parse_args(["--config-file", "COCO-Detection/nope.yaml"])
+    with pytest.raises(FileNotFoundError, match="model-zoo config name"):
+        build_config(args)

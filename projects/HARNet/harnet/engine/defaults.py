@@ -156,7 +156,7 @@ def build_config(args, purpose="train"):
     if not args.config_file:
         raise ValueError("--config-file is required")
     if not os.path.isfile(args.config_file):
-        raise FileNotFoundError(f"--config-file {args.config_file!r} does not exist")
+        args.config_file = _model_zoo_config(args.config_file)
     register_datasets_from_args(args)
     if is_lazy_config(args.config_file):
         if getattr(args, "two_step", False):
@@ -190,6 +190,21 @@ def build_config(args, purpose="train"):
     register_shapes_from_cfg(cfg)
     check_dataset_files([name for key in _PURPOSES[purpose] for name in cfg.DATASETS[key]])
     return cfg
+
+
+def _model_zoo_config(name):
+    """The path of Detectron2's model-zoo config ``name`` (e.g.
+    ``COCO-Detection/retinanet_R_50_FPN_1x.yaml``); FileNotFoundError if it is neither a
+    file nor such a name."""
+    from detectron2 import model_zoo
+
+    try:
+        return model_zoo.get_config_file(name)
+    except RuntimeError:
+        raise FileNotFoundError(
+            f"--config-file {name!r} does not exist (neither a file nor a Detectron2 "
+            "model-zoo config name such as COCO-Detection/retinanet_R_50_FPN_1x.yaml)"
+        ) from None
 
 
 def apply_checked_overrides(cfg, overrides):

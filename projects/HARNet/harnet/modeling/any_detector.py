@@ -19,6 +19,7 @@ for bit). Installed on a built model by swapping its class (or its box predictor
 subclass: weights, state dict and checkpoints are unchanged.
 """
 
+import logging
 from typing import Dict
 
 import torch
@@ -163,4 +164,8 @@ def harnet_postprocess_from_cfg(model, cfg):
     params = {k: v for k, v in postprocess_params_from_cfg(cfg).items() if k in _KEYS}
     if params["nms_type"] == "hard" and not params["voting"] and params["min_score"] == 0:
         return model
+    logging.getLogger(__name__).info(
+        f"{type(getattr(model, 'module', model)).__name__}: HAR-Net post-processing "
+        f"(MODEL.HARNET.POSTPROCESS) {params}"
+    )
     return apply_harnet_postprocess(model, **params)

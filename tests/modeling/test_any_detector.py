@@ -67,7 +67,7 @@ def _model(name):
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     register_shapes("harnet_any_detector_test", str(tmp_path_factory.mktemp("shapes")),
-                    num_images=2, image_size=(144, 176))  # fmt: skip
+                    num_images=2, image_size=(96, 128))  # fmt: skip
     dicts = DatasetCatalog.get("harnet_any_detector_test")
     return [
         {"image": torch.as_tensor(read_image(d["file_name"], "BGR").transpose(2, 0, 1).copy())}

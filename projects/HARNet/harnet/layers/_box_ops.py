@@ -89,16 +89,21 @@ def pow2_scale(boxes: List[Tensor]) -> Tensor:
 
 
 # ---------------------------------------------------------------- input checks (eager only)
-def raise_failed(checks: List[Tuple[Tensor, Union[str, Callable[[], str]]]]) -> None:
+def raise_failed(
+    checks: List[Tuple[Tensor, Union[str, Callable[[], str]]]], extra_flags=()
+) -> List[bool]:
     """Reads the 0-d boolean tensors of ``checks`` (``(ok, message)`` pairs, all on one
     device) with one host synchronisation, and raises ``ValueError(message)`` of the first
-    that is False (``message()`` if callable: details computed only on failure)."""
-    if not checks:
-        return
-    ok = torch.stack([flag for flag, _ in checks]).tolist()
+    that is False (``message()`` if callable: details computed only on failure). The same
+    read returns the values of ``extra_flags`` (0-d boolean tensors)."""
+    flags = [flag for flag, _ in checks] + list(extra_flags)
+    if not flags:
+        return []
+    ok = torch.stack(flags).tolist()
     for good, (_, message) in zip(ok, checks):
         if not good:
             raise ValueError(message() if callable(message) else message)
+    return ok[len(checks):]
 
 
 def box_checks(boxes: Tensor, name: str = "boxes") -> List[Tuple[Tensor, str]]:

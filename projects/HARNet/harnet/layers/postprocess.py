@@ -10,8 +10,8 @@ CONTRACT (used by harnet.modeling.meta_arch and harnet.tta; keep the signature):
            decreasing score, K <= max_detections.
 
 With nms_type="hard" and voting=False it must equal Detectron2 RetinaNet's
-`batched_nms(boxes, scores, classes, iou_threshold)[:max_detections]` on finite candidates;
-non-finite ones are dropped.
+`batched_nms(boxes, scores, classes, iou_threshold)[:max_detections]` on any candidates;
+soft-NMS and voting drop non-finite ones.
 """
 
 import warnings
@@ -82,9 +82,11 @@ def suppress_detections(
         boxes (Tensor[K, 4]), scores (Tensor[K]), classes (Tensor[K] int64): the kept
         detections sorted by decreasing score, ``K <= max_detections``. With
         ``nms_type="hard"`` and no voting: exactly
-        ``batched_nms(boxes, scores, classes, iou_threshold)[:max_detections]`` (for
-        finite inputs). Candidates with a non-finite score or box are dropped first, on
-        every path (one ``RuntimeWarning`` per process with their number).
+        ``batched_nms(boxes, scores, classes, iou_threshold)[:max_detections]``, on any
+        input. Soft-NMS and box voting first drop candidates with a non-finite score or
+        box (one ``RuntimeWarning`` per process with their number), eager or scripted;
+        hard NMS leaves them to Detectron2's ``detector_postprocess``, whose clipping and
+        empty-box filter remove non-finite boxes (no host synchronisation added).
     """
     if nms_type not in SOFT_NMS_METHODS:
         raise ValueError(f"nms_type must be one of {SOFT_NMS_METHODS}, got {nms_type!r}")
@@ -103,20 +105,25 @@ def suppress_detections(
     box_checks(boxes)  # shapes and dtypes (the values: below)
     score_checks(scores, boxes.shape[0])
     check_category_indices(classes, boxes.shape[0], "classes", "boxes")
-    boxes, scores, classes, dropped = drop_non_finite(boxes, scores, classes)
-    if dropped:
-        _warn_dropped(dropped)
     if nms_type != "hard" or voting:
-        # Soft-NMS and voting weigh by the scores: checked inputs (one host sync).
-        value_checks = box_checks(boxes) + score_checks(scores, boxes.shape[0])
+        # Soft-NMS and voting weigh by the scores: checked inputs, and non-finite candidates
+        # dropped (one host sync reads both; a second only when some are non-finite).
+        # Hard NMS alone: Detectron2's batched_nms on any input, no sync added.
+        finite = torch.isfinite(scores) & torch.isfinite(boxes).all(dim=1)
+        safe_boxes = torch.where(finite[:, None], boxes, torch.zeros_like(boxes))
+        safe_scores = torch.where(finite, scores, torch.zeros_like(scores))
+        value_checks = box_checks(safe_boxes) + score_checks(safe_scores, boxes.shape[0])
         if voting and nms_type == "hard" and scores.numel():
             # (Soft-NMS checks the same for its own reason, below.)
             message = "scores must be non-negative for box voting (they weight the mean)"
-            value_checks.append(((scores >= 0).all(), message))
-        check_soft_nms_inputs(
-            boxes, scores, classes, nms_type, soft_nms_sigma, iou_threshold, soft_nms_min_score,
-            value_checks,
+            value_checks.append(((safe_scores >= 0).all(), message))
+        (all_finite,) = check_soft_nms_inputs(
+            safe_boxes, safe_scores, classes, nms_type, soft_nms_sigma, iou_threshold,
+            soft_nms_min_score, value_checks, [finite.all()],
         )  # fmt: skip
+        if not all_finite:
+            boxes, scores, classes, dropped = drop_non_finite(boxes, scores, classes)
+            _warn_dropped(dropped)
     return suppress_detections_scriptable(boxes, scores, classes, *args, eager=True)
 
 
@@ -136,10 +143,11 @@ def suppress_detections_scriptable(
     eager: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """:func:`suppress_detections` without argument checks (``voting_scoring`` canonical):
-    TorchScript-compatible, the same detections (non-finite candidates dropped silently). ``eager=True`` (not scripted) lets
+    TorchScript-compatible, the same detections (soft-NMS / voting: non-finite candidates
+    dropped silently). ``eager=True`` (not scripted) lets
     soft-NMS run numba's compiled loop on CPU, and soft-NMS and box voting their Triton
     kernels on CUDA tensors; otherwise PyTorch ops only (what exports use)."""
-    if not eager:  # (eager: the caller did)
+    if not eager and (nms_type != "hard" or voting):  # (eager: the caller did)
         boxes, scores, classes, _ = drop_non_finite(boxes, scores, classes)
     if nms_type == "hard":
         # float32 for torchvision's kernel (no half-precision CPU nms; one dtype for both).

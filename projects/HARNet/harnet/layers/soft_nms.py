@@ -15,7 +15,7 @@ Two implementations of the greedy loop give that result:
 checks, PyTorch loop only) that an exported detector calls.
 """
 
-from typing import Tuple
+from typing import List, Tuple
 
 import torch
 from torch import Tensor
@@ -135,16 +135,17 @@ def check_soft_nms_params(method: str, sigma: float, iou_threshold: float, score
 
 
 def check_soft_nms_inputs(boxes, scores, idxs, method, sigma, iou_threshold, score_threshold,
-                          value_checks) -> None:  # fmt: skip
+                          value_checks, extra_flags=()) -> List[bool]:  # fmt: skip
     """Raise, naming the argument, for inputs :func:`soft_nms_eager` cannot take; the value
-    checks (``value_checks`` plus non-negative scores) are read with one host sync."""
+    checks (``value_checks`` plus non-negative scores) are read with one host sync, which
+    also reads and returns ``extra_flags`` (0-d boolean tensors)."""
     check_same_device(boxes=boxes, scores=scores, idxs=idxs)
     check_soft_nms_params(method, sigma, iou_threshold, score_threshold)
     if method != "hard" and scores.numel():
         # Multiplicative decay assumes scores >= 0 (decaying a negative score raises it).
         message = "scores must be non-negative for soft-NMS (e.g. probabilities)"
         value_checks = value_checks + [((scores >= 0).all(), message)]
-    raise_failed(value_checks)
+    return raise_failed(value_checks, extra_flags)
 
 
 def _checked_soft_nms(

@@ -16,6 +16,7 @@ import harnet  # noqa: F401  (registers the model and datasets)
 from detectron2.config import get_cfg
 
 from harnet.engine import HARNetTrainer, argument_parser, main
+from harnet.data import register_shapes
 from harnet.engine.defaults import build_config
 from harnet_model_utils import DEMO_YAML, no_own_warnings, tiny_opts, write_coco
 
@@ -307,6 +308,63 @@ def test_eval_only_of_a_model_zoo_detector_with_harnet_postprocessing(tmp_path, 
     )  # fmt: skip
     assert not plain_installed and soft_installed
     assert plain != soft and len(soft) > 0
+
+
+def test_eval_only_tta_of_a_model_zoo_rcnn_with_harnet_voting(tmp_path, data_root):
+    # Detectron2's Faster R-CNN from its model-zoo name, random weights: TEST.AUG with
+    # HAR-Net's soft-NMS + voting evaluates through GeneralizedRCNNWithHARNetTTA.
+    d = str(tmp_path / "rcnn")
+    res = run(["--eval-only", "--config-file", "COCO-Detection/faster_rcnn_R_50_FPN_1x.yaml"]
+              + tiny_opts(data_root, d) + [
+                  "MODEL.WEIGHTS", "", "SEED", "1", "MODEL.ROI_HEADS.NUM_CLASSES", "3",
+                  "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0", "MODEL.RPN.POST_NMS_TOPK_TEST", "50",
+                  "DATASETS.TRAIN", "('harnet_shapes_train',)",
+                  "DATASETS.TEST", "('harnet_shapes_val',)",
+                  "TEST.AUG.ENABLED", "True", "TEST.AUG.MIN_SIZES", "(64, 96)",
+                  "TEST.AUG.MAX_SIZE", "96", "TEST.AUG.FLIP", "True",
+                  "MODEL.HARNET.POSTPROCESS.NMS_TYPE", "gaussian",
+                  "MODEL.HARNET.POSTPROCESS.VOTING.ENABLED", "True"])  # fmt: skip
+    check_bbox_metrics(res)
+    check_bbox_metrics(res, "harnet_shapes_val_TTA")
+    with open(os.path.join(d, "inference_TTA", "coco_instances_results.json")) as f:
+        tta = json.load(f)
+    with open(os.path.join(d, "inference", "coco_instances_results.json")) as f:
+        assert len(tta) > 0 and tta != json.load(f)
+
+
+def test_lazy_model_zoo_detector_takes_harnet_postprocess_keys(tmp_path, data_root):
+    # Detectron2's RetinaNet LazyConfig by its model-zoo name: harnet.postprocess.* on the
+    # command line (same keywords and defaults as HARRetinaNet's postprocess_params).
+    register_shapes("test_lazy_zoo_val", data_root, seed=7, num_images=2,
+                    image_size=(64, 64), object_size=(8.0, 40.0))  # fmt: skip
+
+    def detections(name, *keys):
+        out = str(tmp_path / name)
+        res = run(["--eval-only", "--config-file", "COCO-Detection/retinanet_R_50_FPN_1x.py",
+                   f"train.output_dir={out}", "train.init_checkpoint=", "train.device=cpu",
+                   "model.num_classes=3", "model.test_score_thresh=0.0",
+                   "dataloader.test.dataset.names=test_lazy_zoo_val",
+                   "dataloader.test.num_workers=0", f"dataloader.evaluator.output_dir={out}",
+                   "dataloader.test.mapper.augmentations.0.short_edge_length=64",
+                   "dataloader.test.mapper.augmentations.0.max_size=64", *keys])  # fmt: skip
+        assert BBOX_KEYS <= set(res["test_lazy_zoo_val"]["bbox"])
+        with open(os.path.join(out, "log.txt")) as f:
+            installed = "HAR-Net post-processing (harnet.postprocess)" in f.read()
+        with open(os.path.join(out, "coco_instances_results.json")) as f:
+            return json.load(f), installed
+
+    plain, plain_installed = detections("plain")
+    soft, soft_installed = detections(
+        "soft", "harnet.postprocess.nms_type=gaussian", "harnet.postprocess.voting=True"
+    )
+    assert not plain_installed and soft_installed
+    assert plain != soft and len(soft) > 0
+    for bad, error, match in [
+        ("harnet.postprocess.sigma=0.3", KeyError, "has no key .harnet.postprocess.sigma"),
+        ("harnet.postprocess.nms_type=soft", ValueError, "harnet.postprocess: nms_type"),
+    ]:
+        with pytest.raises(error, match=match):
+            detections("bad", bad)
 
 
 def test_unknown_config_file_names_the_model_zoo(tmp_path):

@@ -237,3 +237,19 @@ def test_all_non_finite_gives_no_detections(monkeypatch):
     got = suppress_detections(boxes, torch.rand(4), torch.zeros(4, dtype=torch.long),
                               nms_type="gaussian", voting=True)  # fmt: skip
     assert [t.shape[0] for t in got] == [0, 0, 0]
+
+
+@pytest.mark.parametrize("params", [
+    dict(nms_type="hard"), dict(nms_type="gaussian"),
+    dict(nms_type="linear", voting=True, voting_scoring="caffe"),
+], ids=["hard", "gaussian", "linear-voting-caffe"])  # fmt: skip
+def test_inputs_that_require_grad_give_the_same_detections(params):
+    # A model's outputs outside torch.no_grad (Detectron2's GeneralizedRCNNWithTTA calls
+    # the model so) reach the compiled loops, which read the data only.
+    boxes, scores, classes = _candidates(seed=3)
+    expected = suppress_detections(boxes, scores, classes, **params)
+    got = suppress_detections(
+        boxes.clone().requires_grad_(), scores.clone().requires_grad_(), classes, **params
+    )
+    for g, e in zip(got, expected):
+        assert torch.equal(g.detach(), e)

@@ -327,3 +327,13 @@ def test_numba_loop_is_bit_identical_to_tensor_loop(dtype, implementation, monke
             tensor_ops = _wbf(views, iou=iou, conf_type=conf_type)
             for a, b in zip(compiled, tensor_ops):
                 assert torch.equal(a, b), (sizes, num_classes, iou, conf_type)
+
+
+def test_inputs_that_require_grad_give_the_same_fusion():
+    boxes, scores, labels, ids = _flat(_random_views(4, [30, 25, 20], num_classes=3))
+    expected = weighted_boxes_fusion(boxes, scores, labels, ids, 3)
+    got = weighted_boxes_fusion(
+        boxes.clone().requires_grad_(), scores.clone().requires_grad_(), labels, ids, 3
+    )
+    for g, e in zip(got, expected):
+        assert torch.equal(g.detach(), e)

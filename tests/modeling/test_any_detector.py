@@ -177,3 +177,96 @@ def test_from_config_keys_and_unsupported_models():
         apply_harnet_postprocess(model, nms_type="soft")
     with pytest.raises(TypeError, match="supports Detectron2's DenseDetector"):
         apply_harnet_postprocess(torch.nn.Linear(2, 2))
+
+
+# --- TTA -----------------------------------------------------------------------------------
+def _tta_cfg(name, min_sizes, flip):
+    cfg = get_cfg()
+    harnet.add_harnet_config(cfg)
+    if name in YAML:
+        cfg.merge_from_file(model_zoo.get_config_file(YAML[name]))
+    # The test images are 96 x 112: a view at short side 96 is the image itself.
+    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 96, 1000
+    cfg.TEST.AUG.MIN_SIZES, cfg.TEST.AUG.MAX_SIZE, cfg.TEST.AUG.FLIP = min_sizes, 1000, flip
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def tta_images(images):
+    return [{"image": x["image"][:, :96, :112].clone()} for x in images]
+
+
+def _with_params(model, params):
+    return apply_harnet_postprocess(copy.deepcopy(model), **params) if params else model
+
+
+TTA_PARAMS = [None, dict(nms_type="gaussian", voting=True, voting_scoring="caffe")]
+
+
+@pytest.mark.parametrize("params", TTA_PARAMS, ids=["detectron2", "gaussian-voting-caffe"])
+def test_tta_one_view_at_the_test_size_is_the_plain_model(detector, tta_images, params):
+    name, model = detector
+    model = _with_params(model, params)
+    tta = harnet.build_tta_model(_tta_cfg(name, (96,), False), copy.deepcopy(model))
+    assert type(tta).__name__ == (
+        "GeneralizedRCNNWithHARNetTTA" if name.endswith("R-CNN") else "DenseDetectorWithTTA"
+    )
+    for image in tta_images:  # one image per batch: the same padding in both
+        expected = _run(model, [image])[0]
+        got = tta(copy.deepcopy([image]))[0]["instances"]
+        assert len(expected) > 5 and got.image_size == expected.image_size
+        for a, b in zip(_fields(got), _fields(expected)):
+            assert torch.equal(a, b), name
+
+
+def test_tta_merges_every_views_candidates_by_one_suppression(detector, tta_images):
+    # Reference: each view of Detectron2's DatasetMapperTTA through the detector with its
+    # suppression turned off (Detectron2's own code), boxes mapped back by Detectron2's
+    # inverse transforms, all views' candidates suppressed once.
+    from detectron2.modeling import DatasetMapperTTA
+    from detectron2.structures import Boxes, Instances
+
+    name, model = detector
+    params = dict(nms_type="gaussian", voting=True)
+    cfg = _tta_cfg(name, (96, 144), True)
+    tta = harnet.build_tta_model(cfg, _with_params(model, params))
+    box_predictor = getattr(getattr(model, "roi_heads", None), "box_predictor", model)
+    iou = box_predictor.test_nms_thresh
+    k = getattr(box_predictor, "test_topk_per_image", None) or model.max_detections_per_image
+    image = tta_images[0]
+    views = DatasetMapperTTA(cfg)(dict(image, height=96, width=112))
+    assert len(views) == 4
+    reference = _candidates_model(model)
+    if hasattr(reference, "roi_heads"):
+        reference.roi_heads.mask_on = False  # boxes only (CPU time)
+    boxes, scores, classes = [], [], []
+    for view in views:
+        tfm = view.pop("transforms")
+        c = _raw_candidates(reference, [view])[0]
+        boxes.append(torch.as_tensor(tfm.inverse().apply_box(c.pred_boxes.tensor.numpy())))
+        scores.append(c.scores)
+        classes.append(c.pred_classes)
+    b, s, c = suppress_detections(torch.cat(boxes), torch.cat(scores), torch.cat(classes),
+                                  iou_threshold=iou, max_detections=k, **params)  # fmt: skip
+    ref = detector_postprocess(
+        Instances((96, 112), pred_boxes=Boxes(b), scores=s, pred_classes=c), 96, 112
+    )
+    got = tta(copy.deepcopy([image]))[0]["instances"]
+    assert len(got) == len(ref) > 5
+    torch.testing.assert_close(got.pred_boxes.tensor, ref.pred_boxes.tensor, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(got.scores, ref.scores, rtol=1e-5, atol=1e-6)
+    assert torch.equal(got.pred_classes, ref.pred_classes)
+    if got.has("pred_masks"):  # Detectron2's mask averaging over the views, on these boxes
+        assert got.pred_masks.shape == (len(got), 96, 112)
+    plain = _run(_with_params(model, params), [image])[0]
+    assert len(plain) != len(got) or not torch.equal(plain.scores, got.scores)
+
+
+def test_tta_of_unsupported_merges_and_models_raise(tta_images):
+    model = _model("Faster R-CNN")
+    cfg = _tta_cfg("Faster R-CNN", (96,), False)
+    cfg.TEST.AUG.MERGE = "wbf"
+    with pytest.raises(ValueError, match="TEST.AUG.MERGE='wbf'"):
+        harnet.build_tta_model(cfg, model)
+    with pytest.raises(TypeError, match="forward_candidates"):
+        harnet.DenseDetectorWithTTA(cfg, torch.nn.Linear(2, 2))

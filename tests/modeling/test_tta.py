@@ -221,10 +221,11 @@ def test_bad_model_and_config_raise(model):
         HARRetinaNetWithTTA(cfg, model)
 
 
-def test_views_are_batched_by_size(model):
-    tta = HARRetinaNetWithTTA(_cfg(), model, batch_size=2)
+def test_views_are_batched_by_size():
+    from harnet.tta import _size_batches
+
     views = [{"image": torch.zeros(3, h, w)} for h, w in [(8, 9), (8, 9), (5, 9), (8, 9), (5, 9)]]
-    assert tta._batches(views) == [[0, 1], [3], [2, 4]]
+    assert _size_batches(views, 2) == [[0, 1], [3], [2, 4]]
 
 
 # ---- TEST.AUG.MERGE = "wbf": each view as the model's inference, then weighted boxes fusion.

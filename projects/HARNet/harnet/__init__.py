@@ -9,6 +9,11 @@ from .config import add_harnet_config  # noqa: F401
 from . import modeling  # noqa: F401,E402
 from . import layers  # noqa: F401,E402
 from . import data  # noqa: F401,E402  (registers harnet_shapes_train/val)
-from .tta import HARRetinaNetWithTTA  # noqa: F401,E402
+from .tta import (  # noqa: F401,E402
+    DenseDetectorWithTTA,
+    GeneralizedRCNNWithHARNetTTA,
+    HARRetinaNetWithTTA,
+    build_tta_model,
+)
 
 __version__ = "0.1.0"

@@ -163,12 +163,12 @@ def _add_postprocess_config(cfg):
 
 
 def _add_tta_config(cfg):
-    """Test-time augmentation merge settings of ``harnet.HARRetinaNetWithTTA``.
+    """Test-time augmentation merge settings of the TTA of ``harnet.build_tta_model``.
 
     The views come from Detectron2's keys: ``TEST.AUG.ENABLED`` (evaluate with TTA too),
     ``TEST.AUG.MIN_SIZES`` (short sides), ``TEST.AUG.MAX_SIZE``, ``TEST.AUG.FLIP``. Every
     view's candidates are mapped back to the original image and merged as ``MERGE`` says.
-    Checked by ``HARRetinaNetWithTTA`` (errors name the key).
+    Checked by the TTA classes (errors name the key).
     """
     # How the views are merged: "suppress" (all views' candidates concatenated and
     # suppressed once with the model's MODEL.HARNET.POSTPROCESS settings) or "wbf" (each

@@ -1,4 +1,11 @@
-"""Test-time augmentation for HARRetinaNet (Detectron2's own TTA only serves R-CNN models)."""
+"""Test-time augmentation merged by HAR-Net's suppression (soft-NMS, box voting) or WBF.
+
+- :class:`DenseDetectorWithTTA` (also named ``HARRetinaNetWithTTA``): HARRetinaNet and
+  Detectron2's dense detectors (RetinaNet, FCOS), for which Detectron2 has no TTA.
+- :class:`GeneralizedRCNNWithHARNetTTA`: Detectron2's ``GeneralizedRCNNWithTTA`` (Faster /
+  Mask R-CNN) with the views' candidates suppressed together by HAR-Net's post-processing.
+- :func:`build_tta_model` picks the one for a model.
+"""
 
 import copy
 import math
@@ -11,21 +18,40 @@ from torch.nn.parallel import DistributedDataParallel
 
 from detectron2.data.detection_utils import read_image
 from detectron2.data.transforms import ResizeShortestEdge
-from detectron2.modeling import DatasetMapperTTA
+from detectron2.modeling import DatasetMapperTTA, GeneralizedRCNN, GeneralizedRCNNWithTTA
+from detectron2.modeling.meta_arch.dense_detector import DenseDetector
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, Instances
 
 from .layers.wbf import WBF_CONF_TYPES, weighted_boxes_fusion
+from .modeling.any_detector import candidates_only, harnet_postprocess_from_cfg, suppression_holder
 
-__all__ = ["HARRetinaNetWithTTA", "TTA_MERGES"]
+__all__ = [
+    "DenseDetectorWithTTA",
+    "HARRetinaNetWithTTA",
+    "GeneralizedRCNNWithHARNetTTA",
+    "build_tta_model",
+    "TTA_MERGES",
+]
 
 # How the views' detections are merged (cfg.TEST.AUG.MERGE).
 TTA_MERGES = ("suppress", "wbf")
 
 
-class HARRetinaNetWithTTA(nn.Module):
+def build_tta_model(cfg, model):
+    """The TTA wrapper of ``model`` (``cfg.TEST.AUG``): :class:`GeneralizedRCNNWithHARNetTTA`
+    for a ``GeneralizedRCNN``, :class:`DenseDetectorWithTTA` otherwise (HARRetinaNet,
+    Detectron2's RetinaNet / FCOS)."""
+    target = model.module if isinstance(model, DistributedDataParallel) else model
+    if isinstance(target, GeneralizedRCNN):
+        return GeneralizedRCNNWithHARNetTTA(cfg, target)
+    return DenseDetectorWithTTA(cfg, target)
+
+
+class DenseDetectorWithTTA(nn.Module):
     """
-    A :class:`HARRetinaNet` with test-time augmentation: the single-stage counterpart of
+    A single-stage detector (:class:`HARRetinaNet`, or Detectron2's RetinaNet / FCOS with
+    HAR-Net's post-processing) with test-time augmentation: the single-stage counterpart of
     Detectron2's :class:`GeneralizedRCNNWithTTA`, with the same interface (call it like the
     model in inference: a list of dataset dicts in, a list of ``{"instances": Instances}``
     out, in the original image resolution), so it works in ``inference_on_dataset``.
@@ -56,7 +82,10 @@ class HARRetinaNetWithTTA(nn.Module):
             cfg (CfgNode): a config with HARNet's keys (``harnet.add_harnet_config``).
             model (HARRetinaNet): the detector, or a DistributedDataParallel wrapping it;
                 any model with ``forward_candidates(batched_inputs, do_postprocess)`` and
-                ``suppress(instances)`` works.
+                ``suppress(instances)`` works. A Detectron2 ``DenseDetector`` gets them from
+                :func:`harnet.modeling.apply_harnet_postprocess` with
+                ``cfg.MODEL.HARNET.POSTPROCESS`` (in place; with the defaults its own
+                output is unchanged).
             tta_mapper (callable): takes a dataset dict, returns the list of its augmented
                 versions, each with a "transforms" field (original image -> view).
                 Defaults to ``DatasetMapperTTA(cfg)``.
@@ -66,10 +95,13 @@ class HARRetinaNetWithTTA(nn.Module):
         super().__init__()
         if isinstance(model, DistributedDataParallel):
             model = model.module
+        if isinstance(model, DenseDetector):
+            model = harnet_postprocess_from_cfg(model, cfg, always=True)
         if not all(callable(getattr(model, m, None)) for m in ("forward_candidates", "suppress")):
             raise TypeError(
-                "HARRetinaNetWithTTA needs a model with forward_candidates() and suppress() "
-                f"(HARRetinaNet), got {type(model).__name__}"
+                "DenseDetectorWithTTA needs a model with forward_candidates() and suppress() "
+                f"(HARRetinaNet, Detectron2's RetinaNet / FCOS), got {type(model).__name__}; "
+                "for R-CNNs use GeneralizedRCNNWithHARNetTTA (harnet.tta.build_tta_model)"
             )
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -77,19 +109,10 @@ class HARRetinaNetWithTTA(nn.Module):
         self.model = model
         self.tta_mapper = tta_mapper if tta_mapper is not None else DatasetMapperTTA(cfg)
         self.batch_size = int(batch_size)
+        # Dense detectors other than RetinaNet (FCOS) have no input_format.
+        self.input_format = getattr(model, "input_format", cfg.INPUT.FORMAT)
 
-        select = cfg.TEST.AUG.get("SIZE_SELECT", None)
-        self.size_select = bool(select is not None and select.ENABLED)
-        if self.size_select:
-            small, large = float(select.SMALL_AREA), float(select.LARGE_AREA)
-            if not 0 <= small <= large:
-                raise ValueError(
-                    "cfg.TEST.AUG.SIZE_SELECT.SMALL_AREA and LARGE_AREA must satisfy "
-                    f"0 <= SMALL_AREA <= LARGE_AREA, got {small} and {large}"
-                )
-            self.small_area, self.large_area = small, large
-        self.test_min_size = cfg.INPUT.MIN_SIZE_TEST
-        self.test_max_size = cfg.INPUT.MAX_SIZE_TEST
+        self.select_by_size = _SizeSelection(cfg)
         self.merge = cfg.TEST.AUG.get("MERGE", "suppress")
         if self.merge not in TTA_MERGES:
             raise ValueError(f"cfg.TEST.AUG.MERGE must be one of {TTA_MERGES}, got {self.merge!r}")
@@ -107,30 +130,24 @@ class HARRetinaNetWithTTA(nn.Module):
         Returns:
             list[dict]: per image, {"instances": Instances} in the original resolution.
         """
-        return [self._inference_one_image(self._maybe_read_image(x)) for x in batched_inputs]
-
-    def _maybe_read_image(self, dataset_dict):
-        ret = copy.copy(dataset_dict)
-        if "image" not in ret:
-            image = read_image(ret.pop("file_name"), self.model.input_format)
-            ret["image"] = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
-        if "height" not in ret or "width" not in ret:
-            ret["height"], ret["width"] = ret["image"].shape[1:3]
-        return ret
+        return [
+            self._inference_one_image(_read_input(x, self.input_format))
+            for x in batched_inputs
+        ]
 
     def _inference_one_image(self, input):
         height, width = int(input["height"]), int(input["width"])
         views = self.tta_mapper(input)
         transforms = [v.pop("transforms") for v in views]
         candidates = [None] * len(views)
-        for batch in self._batches(views):
+        for batch in _size_batches(views, self.batch_size):
             outputs = self.model.forward_candidates([views[i] for i in batch], False)
             for i, out in zip(batch, outputs):
                 candidates[i] = out
         boxes, scores, classes = [], [], []
         for view, tfm, cand in zip(views, transforms, candidates):
             view_boxes = self._to_original(cand.pred_boxes.tensor, tfm)
-            keep = self._select_by_size(view_boxes, view["image"].shape[1:3], (height, width))
+            keep = self.select_by_size(view_boxes, view["image"].shape[1:3], (height, width))
             boxes.append(view_boxes[keep])
             scores.append(cand.scores[keep])
             classes.append(cand.pred_classes[keep])
@@ -181,19 +198,6 @@ class HARRetinaNetWithTTA(nn.Module):
             pred_classes=fused_classes[:k],
         )
 
-    def _batches(self, views) -> List[List[int]]:
-        """Indices of the views run together: at most ``batch_size``, all of one image size
-        (a batch pads its images to the largest, so mixing scales would run the small view
-        at the large one's cost, and make its candidates depend on the batch)."""
-        by_size = {}
-        for i, view in enumerate(views):
-            by_size.setdefault(tuple(view["image"].shape[-2:]), []).append(i)
-        return [
-            same[start : start + self.batch_size]
-            for same in by_size.values()
-            for start in range(0, len(same), self.batch_size)
-        ]
-
     @staticmethod
     def _to_original(boxes: torch.Tensor, tfm) -> torch.Tensor:
         """Boxes of a view (network-input resolution) in the original image's coordinates.
@@ -216,10 +220,128 @@ class HARRetinaNetWithTTA(nn.Module):
         original = inverse.apply_box(boxes.detach().cpu().numpy())
         return torch.as_tensor(original, dtype=boxes.dtype).to(boxes.device)
 
-    def _select_by_size(self, boxes, view_hw, orig_hw) -> slice:
-        """Detectron-style size-dependent selection; all boxes when disabled or at the
-        plain test scale."""
-        if not self.size_select or boxes.numel() == 0:
+
+
+HARRetinaNetWithTTA = DenseDetectorWithTTA  # the name HARRetinaNet's users know
+
+
+class GeneralizedRCNNWithHARNetTTA(GeneralizedRCNNWithTTA):
+    """
+    Detectron2's :class:`GeneralizedRCNNWithTTA` (Faster / Mask R-CNN; same views, same
+    mask averaging over the views) with the boxes merged as in :class:`DenseDetectorWithTTA`:
+    every view's candidates (the box predictor's per-class boxes above the score threshold,
+    before suppression) are mapped back to the original image, optionally selected by size
+    (``TEST.AUG.SIZE_SELECT``), and suppressed once by the box predictor's HAR-Net
+    post-processing (``MODEL.HARNET.POSTPROCESS``, installed by
+    :func:`harnet.modeling.apply_harnet_postprocess` when the model has none; the IoU
+    threshold and number of detections stay the predictor's). Detectron2's own TTA instead
+    suppresses each view, then the union once more, which applies soft-NMS twice. The mask
+    head then runs on the merged boxes in every view. Views run in batches of one size.
+    """
+
+    def __init__(self, cfg, model, tta_mapper=None, batch_size: int = 3):
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
+        super().__init__(cfg, model, tta_mapper, batch_size)
+        merge = cfg.TEST.AUG.get("MERGE", "suppress")
+        if merge != "suppress":
+            raise ValueError(
+                f"cfg.TEST.AUG.MERGE={merge!r}: R-CNN TTA merges by suppression only "
+                "(\"suppress\"); \"wbf\" is for single-stage detectors"
+            )
+        harnet_postprocess_from_cfg(model, cfg, always=True)
+        self.predictor = suppression_holder(model)
+        self.select_by_size = _SizeSelection(cfg)
+
+    @torch.no_grad()
+    def __call__(self, batched_inputs):
+        """As ``GeneralizedRCNNWithTTA.__call__``: a list of dataset dicts in, a list of
+        ``{"instances": Instances}`` out, in the original image resolution."""
+        inputs = [_read_input(x, self.model.input_format) for x in batched_inputs]
+        return super().__call__(inputs)
+
+    def _batch_inference(self, batched_inputs, detected_instances=None):
+        outputs = [None] * len(batched_inputs)
+        for batch in _size_batches(batched_inputs, self.batch_size):
+            given = None if detected_instances is None else [detected_instances[i] for i in batch]
+            results = self.model.inference(
+                [batched_inputs[i] for i in batch], given, do_postprocess=False
+            )
+            for i, r in zip(batch, results):
+                outputs[i] = r
+        return outputs
+
+    def _get_augmented_boxes(self, augmented_inputs, tfms):
+        with candidates_only(self.predictor):
+            outputs = self._batch_inference(augmented_inputs)
+        boxes, scores, classes = [], [], []
+        for view, output, tfm in zip(augmented_inputs, outputs, tfms):
+            view_boxes = DenseDetectorWithTTA._to_original(output.pred_boxes.tensor, tfm)
+            orig_hw = (int(view["height"]), int(view["width"]))
+            keep = self.select_by_size(view_boxes, view["image"].shape[1:3], orig_hw)
+            boxes.append(view_boxes[keep])
+            scores.append(output.scores[keep])
+            classes.append(output.pred_classes[keep])
+        return torch.cat(boxes), torch.cat(scores), torch.cat(classes)
+
+    def _merge_detections(self, all_boxes, all_scores, all_classes, shape_hw):
+        merged = self.predictor.suppress(
+            Instances(shape_hw, pred_boxes=Boxes(all_boxes), scores=all_scores,
+                      pred_classes=all_classes)  # fmt: skip
+        )
+        # As the model's own inference: clipped, empty boxes dropped (the mask head then
+        # runs on what is left).
+        return detector_postprocess(merged, *shape_hw)
+
+
+def _read_input(dataset_dict, input_format):
+    """A shallow copy of ``dataset_dict`` with "image" (read from "file_name" when absent,
+    as a CHW uint8 tensor) and "height"/"width" (the image's when absent)."""
+    ret = copy.copy(dataset_dict)
+    if "image" not in ret:
+        image = read_image(ret.pop("file_name"), input_format)
+        ret["image"] = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+    if "height" not in ret or "width" not in ret:
+        ret["height"], ret["width"] = ret["image"].shape[1:3]
+    return ret
+
+
+def _size_batches(views, batch_size: int) -> List[List[int]]:
+    """Indices of the views run together: at most ``batch_size``, all of one image size
+    (a batch pads its images to the largest, so mixing scales would run the small view at
+    the large one's cost, and make its candidates depend on the batch)."""
+    by_size = {}
+    for i, view in enumerate(views):
+        by_size.setdefault(tuple(view["image"].shape[-2:]), []).append(i)
+    return [
+        same[start : start + batch_size]
+        for same in by_size.values()
+        for start in range(0, len(same), batch_size)
+    ]
+
+
+class _SizeSelection:
+    """Detectron-style size-dependent selection of a view's boxes (``TEST.AUG.SIZE_SELECT``):
+    down-scaled views keep boxes of area >= SMALL_AREA, up-scaled ones <= LARGE_AREA; all
+    boxes when disabled or at the plain test scale (``INPUT.MIN_SIZE_TEST``)."""
+
+    def __init__(self, cfg):
+        select = cfg.TEST.AUG.get("SIZE_SELECT", None)
+        self.enabled = bool(select is not None and select.ENABLED)
+        if self.enabled:
+            small, large = float(select.SMALL_AREA), float(select.LARGE_AREA)
+            if not 0 <= small <= large:
+                raise ValueError(
+                    "cfg.TEST.AUG.SIZE_SELECT.SMALL_AREA and LARGE_AREA must satisfy "
+                    f"0 <= SMALL_AREA <= LARGE_AREA, got {small} and {large}"
+                )
+            self.small_area, self.large_area = small, large
+        self.test_min_size = cfg.INPUT.MIN_SIZE_TEST
+        self.test_max_size = cfg.INPUT.MAX_SIZE_TEST
+
+    def __call__(self, boxes, view_hw, orig_hw):
+        """A boolean mask or ``slice(None)`` over ``boxes`` (original-image coordinates)."""
+        if not self.enabled or boxes.numel() == 0:
             return slice(None)
         if self.test_min_size > 0:
             test_hw = ResizeShortestEdge.get_output_shape(

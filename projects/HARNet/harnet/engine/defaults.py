@@ -38,6 +38,7 @@ __all__ = [
     "apply_checked_overrides",
     "lock_output_dir",
     "setup_harnet_logger",
+    "add_harnet_postprocess_node",
 ]
 
 logger = logging.getLogger("harnet.engine")
@@ -164,6 +165,7 @@ def build_config(args, purpose="train"):
                 "--two-step needs a yacs (.yaml) config: it toggles cfg.MODEL.HARNET.*"
             )
         cfg = LazyConfig.load(args.config_file)
+        add_harnet_postprocess_node(cfg)
         cfg = apply_checked_overrides(cfg, args.opts or [])
         if "train" in cfg:
             cfg.train.device = _cpu_fallback(cfg.train.get("device", "cpu"), "train.device")
@@ -190,6 +192,27 @@ def build_config(args, purpose="train"):
     register_shapes_from_cfg(cfg)
     check_dataset_files([name for key in _PURPOSES[purpose] for name in cfg.DATASETS[key]])
     return cfg
+
+
+def add_harnet_postprocess_node(cfg):
+    """Give the LazyConfig of a Detectron2 detector (a model-zoo ``.py`` config, say) the
+    node ``harnet.postprocess``: the keywords of :func:`harnet.modeling.apply_harnet_postprocess`
+    at their defaults, so that the command line can set them
+    (``harnet.postprocess.nms_type=gaussian``) and :class:`LazyConfigTrainer` applies them.
+    HARRetinaNet's configs set the same keywords in ``model.postprocess_params``."""
+    from detectron2.utils.registry import locate
+
+    from ..modeling import HARRetinaNet
+    from ..modeling.any_detector import postprocess_defaults
+
+    if "model" not in cfg or "harnet" in cfg:
+        return
+    target = cfg.model.get("_target_", None)
+    if isinstance(target, str):
+        target = locate(target)
+    if isinstance(target, type) and issubclass(target, HARRetinaNet):
+        return
+    cfg.harnet = {"postprocess": postprocess_defaults()}
 
 
 def _model_zoo_config(name):

@@ -31,6 +31,7 @@ from detectron2.utils import comm
 from omegaconf import OmegaConf
 
 from ..data.samplers import ResumableTrainLoader
+from ..modeling.any_detector import harnet_postprocess_from_params
 from .trainer import HARNetTrainer, fast_coco_eval_available
 
 __all__ = ["LazyConfigTrainer"]
@@ -71,7 +72,15 @@ class LazyConfigTrainer(HARNetTrainer):
     # --- builders --------------------------------------------------------------------
     @classmethod
     def build_model(cls, cfg):
+        """``cfg.model`` on ``train.device``; a Detectron2 detector gets HAR-Net's
+        post-processing when ``harnet.postprocess`` (see
+        :func:`harnet.engine.add_harnet_postprocess_node`) asks for it."""
         model = instantiate(cfg.model)
+        params = _select(cfg, "harnet.postprocess", None)
+        if params is not None:
+            model = harnet_postprocess_from_params(
+                model, OmegaConf.to_container(params), "harnet.postprocess"
+            )
         model.to(_select(cfg, "train.device", "cpu"))
         logging.getLogger(__name__).info("Model:\n{}".format(model))
         return model

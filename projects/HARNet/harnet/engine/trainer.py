@@ -13,7 +13,8 @@ Differences from ``DefaultTrainer`` (everything else, hooks included, is inherit
   (:class:`harnet.data.samplers.ResumableTrainLoader`): ``resume_or_load`` starts them at
   the resumed iteration and the checkpoints keep the data seed, so ``--resume`` continues
   with the very batches (images and augmentations) of an uninterrupted run.
-- ``test_with_TTA``: evaluation through :class:`harnet.tta.HARRetinaNetWithTTA`.
+- ``test_with_TTA``: evaluation through :func:`harnet.tta.build_tta_model` (HARRetinaNet,
+  Detectron2's RetinaNet / FCOS / Faster / Mask R-CNN).
 - checkpoints also hold the optimizer state (``_trainer``), so ``--resume`` restores SGD's
   momentum; Detectron2 0.6's ``DefaultTrainer`` saves only the iteration and scheduler.
 - faults (:mod:`harnet.engine.faults`): atomic checkpoint writes that refuse non-finite
@@ -215,11 +216,11 @@ class HARNetTrainer(LossNormalizerStateMixin, DefaultTrainer):
         Returns:
             OrderedDict: the results of :meth:`test`, keys suffixed with ``_TTA``.
         """
-        from harnet.tta import HARRetinaNetWithTTA
+        from harnet.tta import build_tta_model
 
         logger = logging.getLogger("detectron2.trainer")
         logger.info("Running inference with test-time augmentation ...")
-        model = HARRetinaNetWithTTA(cfg, model)
+        model = build_tta_model(cfg, model)
         evaluators = [
             cls.build_evaluator(
                 cfg, name, output_folder=os.path.join(cfg.OUTPUT_DIR, "inference_TTA")

@@ -52,6 +52,9 @@ def greedy_soft_nms_numba(
         keep (Tensor[K] int64), kept_scores (Tensor[K] float64): the kept boxes with their
         decayed scores, in no particular order.
     """
+    # numba reads the data only: no autograd through it (inputs that require grad, e.g.
+    # a model's outputs outside torch.no_grad, are read as they are).
+    boxes, scores = boxes.detach(), scores.detach()
     # Categories one after the other, each in index order (ties go to the lower index).
     category, order = torch.sort(idxs[candidates], stable=True)
     box_index = candidates[order]

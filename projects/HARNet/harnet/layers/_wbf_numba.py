@@ -40,7 +40,9 @@ def supports(boxes: torch.Tensor) -> bool:
 def cluster_numba(grid: dict, iou_threshold: float):
     """Same contract as :func:`.wbf._cluster` (``grid`` from :func:`.wbf._to_grid`, on
     the CPU, float32 or float64)."""
-    boxes, contribution = grid["boxes"].contiguous(), grid["contribution"].contiguous()
+    # numba reads the data only (no autograd through it).
+    boxes = grid["boxes"].detach().contiguous()
+    contribution = grid["contribution"].detach().contiguous()
     num_rows, length = boxes.shape[:2]
     lengths = grid["valid"].sum(1).numpy()
     fused = torch.zeros_like(boxes)

@@ -19,12 +19,14 @@ for bit). Installed on a built model by swapping its class (or its box predictor
 subclass: weights, state dict and checkpoints are unchanged.
 """
 
+import contextlib
 import logging
 from typing import Dict
 
 import torch
 from detectron2.modeling import GeneralizedRCNN
 from detectron2.modeling.meta_arch.dense_detector import DenseDetector
+from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.modeling.roi_heads.fast_rcnn import (
     FastRCNNOutputLayers,
     fast_rcnn_inference_single_image,
@@ -33,7 +35,14 @@ from detectron2.structures import Boxes, Instances
 
 from ..layers.postprocess import postprocess_params_from_cfg, suppress_detections
 
-__all__ = ["apply_harnet_postprocess", "harnet_postprocess_from_cfg"]
+__all__ = [
+    "apply_harnet_postprocess",
+    "harnet_postprocess_from_cfg",
+    "candidates_only",
+    "suppression_holder",
+    "harnet_postprocess_from_params",
+    "postprocess_defaults",
+]
 
 # The keys of suppress_detections that HAR-Net's config sets; the IoU threshold of hard
 # NMS and the number of detections stay the detector's own.
@@ -53,21 +62,58 @@ def _suppress(instances: Instances, params: Dict, iou_threshold: float, max_dete
     )
 
 
+@contextlib.contextmanager
+def candidates_only(holder):
+    """Within the context, the detector (or box predictor) ``holder`` patched by
+    :func:`apply_harnet_postprocess` returns its candidates unsuppressed (for TTA, which
+    suppresses all views' candidates together)."""
+    holder._harnet_candidates_only = True
+    try:
+        yield
+    finally:
+        holder._harnet_candidates_only = False
+
+
 class _DenseDetectorSuppression:
-    """Mixin before a ``DenseDetector`` subclass (RetinaNet, FCOS)."""
+    """Mixin before a ``DenseDetector`` subclass (RetinaNet, FCOS); gives it the interface
+    of :class:`HARRetinaNet` that TTA uses: ``forward_candidates`` and ``suppress``."""
+
+    _harnet_candidates_only = False
 
     def inference_single_image(self, anchors, box_cls, box_delta, image_size):
         pred = self._decode_multi_level_predictions(
             anchors, box_cls, box_delta, self.test_score_thresh, self.test_topk_candidates,
             image_size,
         )  # fmt: skip
+        return pred if self._harnet_candidates_only else self.suppress(pred)
+
+    def suppress(self, instances: Instances) -> Instances:
+        """The detections kept from one image's candidates (same image_size), by score."""
         return _suppress(
-            pred, self.harnet_postprocess, self.test_nms_thresh, self.max_detections_per_image
+            instances, self.harnet_postprocess, self.test_nms_thresh, self.max_detections_per_image
         )
+
+    def forward_candidates(self, batched_inputs, do_postprocess: bool = True):
+        """Each image's candidates before suppression (``DenseDetector.forward``'s steps
+        with the suppression left out): in the network-input resolution, or with
+        ``do_postprocess`` rescaled to "height"/"width" by ``detector_postprocess``."""
+        images = self.preprocess_image(batched_inputs)
+        features = self.backbone(images.tensor)
+        features = [features[f] for f in self.head_in_features]
+        with candidates_only(self):
+            results = self.forward_inference(images, features, self.head(features))
+        if not do_postprocess:
+            return results
+        return [
+            detector_postprocess(r, x.get("height", size[0]), x.get("width", size[1]))
+            for r, x, size in zip(results, batched_inputs, images.image_sizes)
+        ]
 
 
 class _BoxPredictorSuppression:
     """Mixin before ``FastRCNNOutputLayers`` (Faster / Mask R-CNN's box predictor)."""
+
+    _harnet_candidates_only = False
 
     def inference(self, predictions, proposals):
         boxes = self.predict_boxes(predictions, proposals)
@@ -78,13 +124,14 @@ class _BoxPredictorSuppression:
             candidates, _ = fast_rcnn_inference_single_image(
                 b, s, proposal.image_size, self.test_score_thresh, 1.0, -1
             )
-            results.append(
-                _suppress(
-                    candidates, self.harnet_postprocess, self.test_nms_thresh,
-                    self.test_topk_per_image if self.test_topk_per_image >= 0 else len(candidates),
-                )  # fmt: skip
-            )
+            results.append(candidates if self._harnet_candidates_only else self.suppress(candidates))
         return results, [None] * len(results)
+
+    def suppress(self, instances: Instances) -> Instances:
+        """The detections kept from one image's candidates (same image_size), by score."""
+        k = self.test_topk_per_image
+        return _suppress(instances, self.harnet_postprocess, self.test_nms_thresh,
+                         k if k >= 0 else len(instances))  # fmt: skip
 
 
 _SUBCLASSES = {}
@@ -154,18 +201,60 @@ def apply_harnet_postprocess(model, **params):
     return model
 
 
-def harnet_postprocess_from_cfg(model, cfg):
+def _params_from_cfg(cfg) -> Dict:
+    """The ``apply_harnet_postprocess`` keywords of ``cfg.MODEL.HARNET.POSTPROCESS``
+    (the defaults for a config without HAR-Net's keys)."""
+    params = postprocess_params_from_cfg(cfg)
+    return {k: params.get(k, v) for k, v in _DEFAULTS.items()}
+
+
+def suppression_holder(model):
+    """The module of a patched Detectron2 detector that holds ``suppress`` and the
+    candidates switch: the detector (dense) or its box predictor (R-CNN); None when
+    ``model`` is not patched by :func:`apply_harnet_postprocess`."""
+    target = getattr(model, "module", model)
+    for holder in (target, getattr(getattr(target, "roi_heads", None), "box_predictor", None)):
+        if isinstance(holder, (_DenseDetectorSuppression, _BoxPredictorSuppression)):
+            return holder
+    return None
+
+
+def harnet_postprocess_from_cfg(model, cfg, always: bool = False):
     """:func:`apply_harnet_postprocess` with ``cfg.MODEL.HARNET.POSTPROCESS`` on a
     Detectron2 detector when those keys differ from their defaults (hard NMS, no voting,
-    no score floor: the detector unchanged); ``model`` itself otherwise, and for
-    HARRetinaNet (which reads them itself)."""
-    if "HARNET" not in cfg.MODEL or cfg.MODEL.META_ARCHITECTURE == "HARRetinaNet":
+    no score floor: the detector unchanged) or ``always`` (TTA needs the candidates);
+    ``model`` itself otherwise, when it is patched already, and for HARRetinaNet (which
+    reads them itself)."""
+    if cfg.MODEL.META_ARCHITECTURE == "HARRetinaNet" or ("HARNET" not in cfg.MODEL and not always):
         return model
-    params = {k: v for k, v in postprocess_params_from_cfg(cfg).items() if k in _KEYS}
-    if params["nms_type"] == "hard" and not params["voting"] and params["min_score"] == 0:
+    return harnet_postprocess_from_params(
+        model, _params_from_cfg(cfg), "MODEL.HARNET.POSTPROCESS", always
+    )
+
+
+def harnet_postprocess_from_params(model, params: Dict, source: str, always: bool = False):
+    """:func:`apply_harnet_postprocess` with ``params`` when they change the detector's
+    output (or ``always``), logged as coming from ``source`` (a config key); ``model``
+    itself otherwise, when it is patched already, and for HARRetinaNet."""
+    from .meta_arch import HARRetinaNet
+
+    if isinstance(getattr(model, "module", model), HARRetinaNet) or suppression_holder(model):
+        return model
+    params = dict(_DEFAULTS, **params)
+    unchanged = params["nms_type"] == "hard" and not params["voting"] and not params["min_score"]
+    if unchanged and not always:
         return model
     logging.getLogger(__name__).info(
         f"{type(getattr(model, 'module', model)).__name__}: HAR-Net post-processing "
-        f"(MODEL.HARNET.POSTPROCESS) {params}"
+        f"({source}) {params}"
     )
-    return apply_harnet_postprocess(model, **params)
+    try:
+        return apply_harnet_postprocess(model, **params)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+
+
+def postprocess_defaults() -> Dict:
+    """The keywords of :func:`apply_harnet_postprocess` and their defaults (those of
+    ``MODEL.HARNET.POSTPROCESS``)."""
+    return dict(_DEFAULTS)

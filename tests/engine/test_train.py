@@ -154,8 +154,11 @@ def test_lazy_config_with_overrides(tmp_path, data_root):
         "dataloader.test.mapper.augmentations.0.max_size=64",
         "model.test_score_thresh=0.0",
         "optimizer.lr=0.001",
+        "harnet.tta.enabled=True", "harnet.tta.min_sizes=[48,64]", "harnet.tta.max_size=64",
     ])
     assert BBOX_KEYS <= set(res["bbox"])
+    # harnet.tta.enabled: a TTA evaluation after training, like TEST.AUG.ENABLED.
+    assert os.path.isfile(os.path.join(out, "inference_TTA", "coco_instances_results.json"))
     assert {"model_0000001.pth", "model_final.pth", "config.yaml"} <= set(os.listdir(out))
     assert iteration_of(os.path.join(out, "model_final.pth")) == 2
     # The overrides reached the objects: the optimizer's lr (end of a 3-iteration warmup-free
@@ -348,6 +351,7 @@ def test_lazy_model_zoo_detector_takes_harnet_postprocess_keys(tmp_path, data_ro
                    "dataloader.test.mapper.augmentations.0.short_edge_length=64",
                    "dataloader.test.mapper.augmentations.0.max_size=64", *keys])  # fmt: skip
         assert BBOX_KEYS <= set(res["test_lazy_zoo_val"]["bbox"])
+        assert ("harnet.tta.enabled=True" in keys) == ("test_lazy_zoo_val_TTA" in res)
         with open(os.path.join(out, "log.txt")) as f:
             installed = "HAR-Net post-processing (harnet.postprocess)" in f.read()
         with open(os.path.join(out, "coco_instances_results.json")) as f:
@@ -355,16 +359,21 @@ def test_lazy_model_zoo_detector_takes_harnet_postprocess_keys(tmp_path, data_ro
 
     plain, plain_installed = detections("plain")
     soft, soft_installed = detections(
-        "soft", "harnet.postprocess.nms_type=gaussian", "harnet.postprocess.voting=True"
-    )
+        "soft", "harnet.postprocess.nms_type=gaussian", "harnet.postprocess.voting=True",
+        "harnet.tta.enabled=True", "harnet.tta.min_sizes=[64,96]", "harnet.tta.max_size=96",
+    )  # fmt: skip
     assert not plain_installed and soft_installed
     assert plain != soft and len(soft) > 0
+    with open(tmp_path / "soft" / "inference_TTA" / "coco_instances_results.json") as f:
+        assert json.load(f) != soft
     for bad, error, match in [
-        ("harnet.postprocess.sigma=0.3", KeyError, "has no key .harnet.postprocess.sigma"),
-        ("harnet.postprocess.nms_type=soft", ValueError, "harnet.postprocess: nms_type"),
-    ]:
+        (["harnet.postprocess.sigma=0.3"], KeyError, "has no key .harnet.postprocess.sigma"),
+        (["harnet.postprocess.nms_type=soft"], ValueError, "harnet.postprocess: nms_type"),
+        (["harnet.tta.enabled=True", "harnet.tta.merge=vote"], ValueError,
+         r"harnet.tta \(TEST.AUG in lower case\): cfg.TEST.AUG.MERGE"),
+    ]:  # fmt: skip
         with pytest.raises(error, match=match):
-            detections("bad", bad)
+            detections("bad", *bad)
 
 
 def test_unknown_config_file_names_the_model_zoo(tmp_path):

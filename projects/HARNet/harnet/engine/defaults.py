@@ -23,7 +23,12 @@ from ..config import add_harnet_config
 from ..config_checks import check_solver_config, check_test_aug_config
 from ..data import check_dataset_files, register_shapes_from_cfg
 from .faults import AtomicDetectionCheckpointer
-from .lazy_trainer import LazyConfigTrainer
+from .lazy_trainer import (
+    LazyConfigTrainer,
+    add_harnet_lazy_keys,
+    check_lazy_tta,
+    lazy_tta_enabled,
+)
 from .lock import OutputDirInUseError, OutputDirLock
 from .trainer import HARNetTrainer
 from .two_step import train_two_step
@@ -38,7 +43,6 @@ __all__ = [
     "apply_checked_overrides",
     "lock_output_dir",
     "setup_harnet_logger",
-    "add_harnet_postprocess_node",
 ]
 
 logger = logging.getLogger("harnet.engine")
@@ -165,8 +169,10 @@ def build_config(args, purpose="train"):
                 "--two-step needs a yacs (.yaml) config: it toggles cfg.MODEL.HARNET.*"
             )
         cfg = LazyConfig.load(args.config_file)
-        add_harnet_postprocess_node(cfg)
+        add_harnet_lazy_keys(cfg)
         cfg = apply_checked_overrides(cfg, args.opts or [])
+        if purpose != "draw":
+            check_lazy_tta(cfg)
         if "train" in cfg:
             cfg.train.device = _cpu_fallback(cfg.train.get("device", "cpu"), "train.device")
             max_iter = cfg.train.get("max_iter", None)
@@ -192,27 +198,6 @@ def build_config(args, purpose="train"):
     register_shapes_from_cfg(cfg)
     check_dataset_files([name for key in _PURPOSES[purpose] for name in cfg.DATASETS[key]])
     return cfg
-
-
-def add_harnet_postprocess_node(cfg):
-    """Give the LazyConfig of a Detectron2 detector (a model-zoo ``.py`` config, say) the
-    node ``harnet.postprocess``: the keywords of :func:`harnet.modeling.apply_harnet_postprocess`
-    at their defaults, so that the command line can set them
-    (``harnet.postprocess.nms_type=gaussian``) and :class:`LazyConfigTrainer` applies them.
-    HARRetinaNet's configs set the same keywords in ``model.postprocess_params``."""
-    from detectron2.utils.registry import locate
-
-    from ..modeling import HARRetinaNet
-    from ..modeling.any_detector import postprocess_defaults
-
-    if "model" not in cfg or "harnet" in cfg:
-        return
-    target = cfg.model.get("_target_", None)
-    if isinstance(target, str):
-        target = locate(target)
-    if isinstance(target, type) and issubclass(target, HARRetinaNet):
-        return
-    cfg.harnet = {"postprocess": postprocess_defaults()}
 
 
 def _model_zoo_config(name):
@@ -417,7 +402,8 @@ def main(args):
 
 def _train(cfg, args, trainer_cls):
     def add_tta_hook(_step, trainer):
-        if isinstance(cfg, CfgNode) and trainer.cfg.TEST.AUG.ENABLED:
+        yacs = isinstance(cfg, CfgNode)
+        if (yacs and trainer.cfg.TEST.AUG.ENABLED) or (not yacs and lazy_tta_enabled(cfg)):
             trainer.register_hooks(
                 [hooks.EvalHook(0, lambda: trainer.test_with_TTA(trainer.cfg, trainer.model))]
             )

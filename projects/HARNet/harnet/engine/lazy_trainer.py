@@ -12,15 +12,17 @@ model-zoo ``.py`` configs, via :func:`detectron2.config.instantiate`:
   ``log_period`` (see ``detectron2/model_zoo/configs/common/train.py``).
 
 and keeps ``DefaultTrainer``'s hooks, checkpointing, resume, evaluation and metric
-printing unchanged.
+printing unchanged. :func:`add_harnet_lazy_keys` gives a LazyConfig HAR-Net's own keys:
+``harnet.tta`` (every config) and ``harnet.postprocess`` (Detectron2's detectors).
 """
 
 import copy
 import functools
 import logging
+import os
 from collections import OrderedDict
 
-from detectron2.config import instantiate
+from detectron2.config import CfgNode, get_cfg, instantiate
 from detectron2.data import build_detection_train_loader
 from detectron2.data.samplers import TrainingSampler
 from detectron2.engine import default_writers, hooks
@@ -28,18 +30,125 @@ from detectron2.evaluation import COCOEvaluator, inference_on_dataset, print_csv
 from detectron2.engine.train_loop import TrainerBase
 from detectron2.solver import LRMultiplier
 from detectron2.utils import comm
+from detectron2.utils.registry import locate
 from omegaconf import OmegaConf
+
+from ..config import add_harnet_config
 
 from ..data.samplers import ResumableTrainLoader
 from ..modeling.any_detector import harnet_postprocess_from_params
 from .trainer import HARNetTrainer, fast_coco_eval_available
 
-__all__ = ["LazyConfigTrainer"]
+__all__ = ["LazyConfigTrainer", "add_harnet_lazy_keys", "check_lazy_tta", "lazy_tta_enabled"]
 
 
 def _select(cfg, key, default):
     value = OmegaConf.select(cfg, key, default=default)
     return default if value is None else value
+
+
+def add_harnet_lazy_keys(cfg):
+    """Give a loaded LazyConfig (in place) the nodes that the command line can set:
+
+    - ``harnet.tta``: ``TEST.AUG`` of the yacs configs in lower case (``enabled``,
+      ``min_sizes``, ``max_size``, ``flip``, ``merge``, ``size_select.*``, ``wbf.*``), same
+      defaults; ``harnet.tta.enabled=True`` also evaluates with test-time augmentation.
+    - ``harnet.postprocess`` when the model is a Detectron2 detector (a model-zoo ``.py``
+      config, say): the keywords of :func:`harnet.modeling.apply_harnet_postprocess` at
+      their defaults (``harnet.postprocess.nms_type=gaussian``). HARRetinaNet's configs set
+      the same keywords in ``model.postprocess_params``.
+
+    Nodes the config already has are kept.
+    """
+    from ..modeling import HARRetinaNet
+    from ..modeling.any_detector import postprocess_defaults
+
+    harnet = cfg.get("harnet", None)
+    if harnet is None:
+        cfg.harnet = {}
+        harnet = cfg.harnet
+    if "tta" not in harnet:
+        harnet.tta = _lower_keys(_yacs_defaults().TEST.AUG)
+    target = cfg.model.get("_target_", None) if "model" in cfg else None
+    if isinstance(target, str):
+        target = locate(target)
+    is_harnet = isinstance(target, type) and issubclass(target, HARRetinaNet)
+    if target is not None and not is_harnet and "postprocess" not in harnet:
+        harnet.postprocess = postprocess_defaults()
+
+
+def lazy_tta_enabled(cfg) -> bool:
+    return bool(_select(cfg, "harnet.tta.enabled", False))
+
+
+def check_lazy_tta(cfg):
+    """``check_test_aug_config`` on ``harnet.tta`` (before any work): a bad value raises
+    ``ValueError`` naming the key."""
+    from ..config_checks import check_test_aug_config
+
+    if "tta" not in cfg.get("harnet", {}):
+        return
+    try:
+        check_test_aug_config(tta_yacs_config(cfg, None))
+    except ValueError as e:
+        raise ValueError(f"harnet.tta (TEST.AUG in lower case): {e}") from None
+
+
+def _yacs_defaults():
+    cfg = get_cfg()
+    add_harnet_config(cfg)
+    return cfg
+
+
+def _lower_keys(node):
+    out = {}
+    for k, v in node.items():
+        out[k.lower()] = _lower_keys(v) if isinstance(v, CfgNode) else v
+        if isinstance(v, tuple):
+            out[k.lower()] = list(v)
+    return out
+
+
+def _flat_upper(tree, prefix):
+    """``{"a": {"b": 1}}`` -> ``[prefix + "A.B", 1]`` (a yacs override list)."""
+    out = []
+    for k, v in tree.items():
+        key = f"{prefix}{k.upper()}"
+        out += _flat_upper(v, key + ".") if isinstance(v, dict) else [key, v]
+    return out
+
+
+def tta_yacs_config(cfg, model) -> CfgNode:
+    """The yacs config that :func:`harnet.tta.build_tta_model` reads, from a LazyConfig:
+    ``TEST.AUG`` from ``harnet.tta``, the plain test scale and image format from
+    ``dataloader.test.mapper`` (its ResizeShortestEdge), the detection count and mask
+    head from the model. Bad ``harnet.tta`` values raise naming the key."""
+    yacs = _yacs_defaults()
+    tta = OmegaConf.to_container(cfg.harnet.tta, resolve=True)
+    opts = _flat_upper(tta, "TEST.AUG.")
+    try:
+        yacs.merge_from_list(opts)
+    except (KeyError, ValueError, AssertionError) as e:
+        raise ValueError(f"harnet.tta (TEST.AUG in lower case): {e}") from None
+    mapper = _select(cfg, "dataloader.test.mapper", {})
+    yacs.INPUT.FORMAT = mapper.get("image_format", yacs.INPUT.FORMAT)
+    for aug in mapper.get("augmentations", None) or []:
+        target = aug.get("_target_", None) if hasattr(aug, "get") else None
+        target = locate(target) if isinstance(target, str) else target
+        if getattr(target, "__name__", None) == "ResizeShortestEdge":
+            short = aug.get("short_edge_length")
+            yacs.INPUT.MIN_SIZE_TEST = int(short if isinstance(short, int) else short[0])
+            yacs.INPUT.MAX_SIZE_TEST = int(aug.get("max_size", yacs.INPUT.MAX_SIZE_TEST))
+    target = getattr(model, "module", model)
+    detections = getattr(target, "max_detections_per_image", None)
+    if detections is None:  # HARRetinaNet
+        detections = getattr(target, "postprocess_params", {}).get("max_detections", None)
+    yacs.TEST.DETECTIONS_PER_IMAGE = int(detections or yacs.TEST.DETECTIONS_PER_IMAGE)
+    roi_heads = getattr(target, "roi_heads", None)
+    yacs.MODEL.MASK_ON = bool(getattr(roi_heads, "mask_on", False))
+    yacs.MODEL.KEYPOINT_ON = bool(getattr(roi_heads, "keypoint_on", False))
+    yacs.freeze()
+    return yacs
 
 
 class LazyConfigTrainer(HARNetTrainer):
@@ -168,9 +277,30 @@ class LazyConfigTrainer(HARNetTrainer):
         return results
 
     @classmethod
+    def test_with_TTA(cls, cfg, model):
+        """Evaluate ``model`` with test-time augmentation (``harnet.tta``); results
+        written to ``train.output_dir/inference_TTA``.
+
+        Returns:
+            OrderedDict: {"<dataset>_TTA": results of :meth:`test`}.
+        """
+        from harnet.tta import build_tta_model
+
+        logging.getLogger("detectron2.trainer").info(
+            "Running inference with test-time augmentation ..."
+        )
+        tta = build_tta_model(tta_yacs_config(cfg, model), model)
+        out = os.path.join(cfg.train.output_dir, "inference_TTA")
+        evaluator = cls.build_evaluator(cfg, output_folder=out)
+        return OrderedDict([(f"{_test_name(cfg)}_TTA", cls.test(cfg, tta, [evaluator]))])
+
+    @classmethod
     def evaluate(cls, cfg, model):
-        name = _select(cfg, "dataloader.test.dataset.names", "test")
-        return OrderedDict([(str(name), cls.test(cfg, model))])
+        """``test`` plus ``test_with_TTA`` when ``harnet.tta.enabled``."""
+        res = OrderedDict([(_test_name(cfg), cls.test(cfg, model))])
+        if lazy_tta_enabled(cfg):
+            res.update(cls.test_with_TTA(cfg, model))
+        return res
 
     # --- DefaultTrainer methods that read yacs keys -------------------------------------
     def build_hooks(self):
@@ -214,6 +344,10 @@ class LazyConfigTrainer(HARNetTrainer):
     def train(self):
         TrainerBase.train(self, self.start_iter, self.max_iter)
         return getattr(self, "_last_eval_results", None)
+
+
+def _test_name(cfg):
+    return str(_select(cfg, "dataloader.test.dataset.names", "test"))
 
 
 def _qualname(obj):

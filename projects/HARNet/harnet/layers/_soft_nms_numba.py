@@ -14,26 +14,20 @@ compiled on first use (about a second, cached on disk by numba afterwards).
 """
 
 import math
-import os
 from typing import Tuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from ._numba_kernel import LazyKernel
+
 _METHOD_CODES = {"gaussian": 0, "linear": 1, "hard": 2}
-_kernel = None
 
 
 def available() -> bool:
-    """True when the compiled loop can run (numba importable and not disabled)."""
-    if os.environ.get("HARNET_SOFT_NMS_NUMBA", "1") == "0":
-        return False
-    try:
-        _compiled_kernel()
-    except ImportError:
-        return False
-    return True
+    """True when the compiled loop can run (numba importable and not HARNET_SOFT_NMS_NUMBA=0)."""
+    return _KERNEL.available()
 
 
 def greedy_soft_nms_numba(
@@ -64,7 +58,7 @@ def greedy_soft_nms_numba(
     n = box_index.numel()
     keep = np.empty(n, dtype=np.int64)
     kept_scores = np.empty(n, dtype=np.float64)
-    num_kept = _compiled_kernel()(
+    num_kept = _KERNEL.get()(
         planes[0], planes[1], planes[2], planes[3],
         scores[box_index].to(torch.float64).numpy(), starts.numpy(),
         _METHOD_CODES[method], float(sigma), float(iou_threshold), float(score_threshold),
@@ -72,15 +66,6 @@ def greedy_soft_nms_numba(
     )  # fmt: skip
     keep = box_index[torch.from_numpy(keep[:num_kept])]
     return keep, torch.from_numpy(kept_scores[:num_kept])
-
-
-def _compiled_kernel():
-    global _kernel
-    if _kernel is None:
-        import numba  # optional dependency; ImportError tells the caller to fall back
-
-        _kernel = numba.njit(cache=True, nogil=True)(_greedy_kernel)
-    return _kernel
 
 
 def _greedy_kernel(
@@ -139,3 +124,6 @@ def _greedy_kernel(
                 survivors += 1
             remaining, best = survivors, next_best
     return num_kept
+
+
+_KERNEL = LazyKernel(_greedy_kernel, "HARNET_SOFT_NMS_NUMBA")

@@ -13,23 +13,15 @@ and callers use the tensor loop. The kernel is compiled on first use (cached on 
 numba afterwards).
 """
 
-import os
-
 import numpy as np
 import torch
 
-_kernel = None
+from ._numba_kernel import LazyKernel
 
 
 def available() -> bool:
-    """True when the compiled loop can run (numba importable and not disabled)."""
-    if os.environ.get("HARNET_WBF_NUMBA", "1") == "0":
-        return False
-    try:
-        _compiled_kernel()
-    except ImportError:
-        return False
-    return True
+    """True when the compiled loop can run (numba importable and not HARNET_WBF_NUMBA=0)."""
+    return _KERNEL.available()
 
 
 def supports(boxes: torch.Tensor) -> bool:
@@ -51,20 +43,11 @@ def cluster_numba(grid: dict, iou_threshold: float):
     num_clusters = torch.zeros(num_rows, dtype=torch.int64)
     # The threshold in the grid's dtype, as the tensor loop's comparison rounds it.
     threshold = np.asarray(iou_threshold, dtype=boxes.numpy().dtype)
-    _compiled_kernel()(
+    _KERNEL.get()(
         boxes.numpy(), contribution.numpy(), lengths, threshold[()],
         fused.numpy(), sums.numpy(), assign.numpy(), num_clusters.numpy(),
     )  # fmt: skip
     return fused, sums[..., 4], assign, num_clusters
-
-
-def _compiled_kernel():
-    global _kernel
-    if _kernel is None:
-        import numba  # optional dependency; ImportError tells the caller to fall back
-
-        _kernel = numba.njit(cache=True, nogil=True)(_cluster_kernel)
-    return _kernel
 
 
 def _cluster_kernel(boxes, contribution, lengths, threshold, fused, sums, assign, num_clusters):
@@ -101,3 +84,6 @@ def _cluster_kernel(boxes, contribution, lengths, threshold, fused, sums, assign
             if not matched:
                 n += 1
         num_clusters[r] = n
+
+
+_KERNEL = LazyKernel(_cluster_kernel, "HARNET_WBF_NUMBA")

@@ -4,18 +4,14 @@ variable does not reach other tests (triton reads it when a kernel is defined, a
 Also: every Triton kernel of the package compiles for a CUDA GPU (sm_90) without one."""
 
 import inspect
-import json
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 
 triton = pytest.importorskip("triton")
 
-TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from triton_cases import run_interpreted  # noqa: E402
 
 # Runs in the subprocess: every case through the kernels, the PyTorch path and the slow
 # definition of test_box_voting.py; prints the largest relative differences per case.
@@ -25,23 +21,8 @@ sys.path[:0] = [sys.argv[1], sys.argv[1] + "/layers"]
 from harnet.layers import VOTING_SCORINGS as RULES, batched_soft_nms
 from harnet.layers.box_voting import _kernel_box_voting, batched_box_voting_scriptable
 from test_box_voting import dense_scene, slow_box_voting
-from test_fuzz_postprocess import KINDS, _boxes
-import numpy as np
-
-def scene(n, classes, seed, ties=False, spread=100.0):
-    g = torch.Generator().manual_seed(seed)
-    xy = torch.rand(n, 2, generator=g, dtype=torch.float64) * spread
-    boxes = torch.cat([xy, xy + torch.rand(n, 2, generator=g, dtype=torch.float64) * 40 + 1], 1)
-    scores = torch.rand(n, generator=g, dtype=torch.float64)
-    if ties:  # equal scores and exact duplicate boxes
-        scores = (scores * 4).floor() / 4 + 0.25
-        boxes[1::3] = boxes[0::3][: boxes[1::3].shape[0]]
-    return boxes, scores, torch.randint(0, classes, (n,), generator=g)
-
-def fuzz(kind, seed, n=16):
-    rng = np.random.default_rng(seed)
-    boxes = torch.from_numpy(_boxes(rng, n, kind))
-    return boxes, torch.from_numpy(rng.random(n)), torch.from_numpy(rng.integers(0, 3, n))
+from test_fuzz_postprocess import KINDS
+from triton_cases import EMPTY, ONE, fuzz, scene
 
 def rel(a, b):
     if not b.numel():
@@ -49,12 +30,10 @@ def rel(a, b):
     floor = 1e-6 * float(b.abs().max()) + 1e-300  # coordinates near 0: relative to the set
     return float(((a.double() - b.double()).abs() / b.double().abs().clamp(min=floor)).max())
 
-one = (torch.tensor([[0.0, 0, 10, 10]], dtype=torch.float64), torch.tensor([0.7], dtype=torch.float64),
-       torch.zeros(1, dtype=torch.int64))
-cases = {"empty": (one[0][:0], one[1][:0], one[2][:0]), "one": one, "random": scene(24, 3, 0),
+cases = {"empty": EMPTY, "one": ONE, "random": scene(24, 3, 0),
          "ties": scene(18, 2, 1, True), "80 categories": scene(60, 80, 2),
          "dense": dense_scene(60, 1, 3), "thousands": dense_scene(2000, 1, 4)}
-cases.update({f"fuzz {kind}": fuzz(kind, i) for i, kind in enumerate(KINDS)})
+cases.update({f"fuzz {kind}": fuzz(kind, i, 16) for i, kind in enumerate(KINDS)})
 f32, f64 = torch.float32, torch.float64
 # (threshold, dtype, rule): every rule in float32 at the default threshold, the thresholds'
 # extremes in float64 (and every rule in float64 on the fuzz cases).
@@ -84,15 +63,7 @@ print(json.dumps(out))
 
 @pytest.fixture(scope="module")
 def interpreted_results():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    done = subprocess.run(
-        [sys.executable, "-c", _CHECK, TESTS], env=env, capture_output=True, text=True,
-        timeout=600,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads(done.stdout.strip().splitlines()[-1])
-    print(json.dumps(results, indent=1))  # the equality numbers, shown with pytest -s
-    return results
+    return run_interpreted(_CHECK, timeout=600)
 
 
 def test_kernels_match_torch_path_and_definition_under_interpreter(interpreted_results):

@@ -2,17 +2,12 @@
 through Triton's interpreter (``TRITON_INTERPRET=1``) in a subprocess, so the variable does
 not reach other tests (triton reads it when a kernel is defined, at import)."""
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 triton = pytest.importorskip("triton")
 
-TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from triton_cases import run_interpreted  # noqa: E402
 
 # Runs in the subprocess: every case through the kernel, the slow definition (one category
 # at a time, float64, first maximum wins) and the numba loop; prints the largest relative
@@ -21,7 +16,8 @@ _CHECK = r'''
 import json, math, sys, torch
 import numpy as np
 sys.path[:0] = [sys.argv[1] + "/layers"]
-from test_fuzz_postprocess import KINDS, _boxes
+from test_fuzz_postprocess import KINDS
+from triton_cases import EMPTY as empty, ONE as one, fuzz, scene
 from harnet.layers import _soft_nms_numba, _soft_nms_triton as T
 from harnet.layers.soft_nms import _by_decreasing_score
 
@@ -50,17 +46,6 @@ def definition(boxes, scores, idxs, method, sigma, thr, score_thr):
     return _by_decreasing_score(torch.tensor(keep, dtype=torch.int64),
                                 torch.tensor(kept, dtype=torch.float64))
 
-def scene(n, classes, seed, ties=False, spread=100.0):
-    g = torch.Generator().manual_seed(seed)
-    xy = torch.rand(n, 2, generator=g, dtype=torch.float64) * spread
-    wh = torch.rand(n, 2, generator=g, dtype=torch.float64) * 40 + 1
-    boxes = torch.cat([xy, xy + wh], 1)
-    scores = torch.rand(n, generator=g, dtype=torch.float64)
-    if ties:  # equal scores and exact duplicate boxes
-        scores = (scores * 4).floor() / 4 + 0.25
-        boxes[1::3] = boxes[0::3][: boxes[1::3].shape[0]]
-    return boxes, scores, torch.randint(0, classes, (n,), generator=g)
-
 def kernel(boxes, scores, idxs, method, sigma, thr, score_thr):
     cand = torch.nonzero(scores >= score_thr).squeeze(1)
     box_index, starts, largest = T.group_candidates(idxs, cand)
@@ -71,18 +56,10 @@ def kernel(boxes, scores, idxs, method, sigma, thr, score_thr):
 def rel(a, b):
     return float(((a - b).abs() / b.abs().clamp(min=1e-300)).max()) if b.numel() else 0.0
 
-one = (torch.tensor([[0.0, 0, 10, 10]], dtype=torch.float64), torch.tensor([0.7], dtype=torch.float64),
-       torch.zeros(1, dtype=torch.int64))
-empty = (one[0][:0], one[1][:0], one[2][:0])
-def fuzz(kind, seed, n=24):
-    rng = np.random.default_rng(seed)
-    boxes = torch.from_numpy(_boxes(rng, n, kind))
-    return boxes, torch.from_numpy(rng.random(n)), torch.from_numpy(rng.integers(0, 3, n))
-
 cases = {"empty": empty, "one": one, "random": scene(60, 3, 0), "ties": scene(30, 2, 1, True),
          "80 categories": scene(160, 80, 2), "dense": scene(100, 1, 3, spread=20.0),
          "thousands": scene(2000, 4, 4, spread=400.0)}
-cases.update({f"fuzz {kind}": fuzz(kind, i) for i, kind in enumerate(KINDS)})
+cases.update({f"fuzz {kind}": fuzz(kind, i, 24) for i, kind in enumerate(KINDS)})
 settings = [("gaussian", 0.3, 0.001), ("linear", 0.5, 0.0), ("gaussian", 0.3, 0.2)]
 out = {}
 for name, (b, s, i) in cases.items():
@@ -102,15 +79,7 @@ print(json.dumps(out))
 
 @pytest.fixture(scope="module")
 def interpreted_results():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    done = subprocess.run(
-        [sys.executable, "-c", _CHECK, TESTS], env=env, capture_output=True, text=True,
-        timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads(done.stdout.strip().splitlines()[-1])
-    print(json.dumps(results, indent=1))  # the equality numbers, shown with pytest -s
-    return results
+    return run_interpreted(_CHECK, timeout=300)
 
 
 def test_kernel_matches_definition_and_numba_under_interpreter(interpreted_results):

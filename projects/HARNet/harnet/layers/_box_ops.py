@@ -106,17 +106,20 @@ def raise_failed(
     return ok[len(checks):]
 
 
-def box_checks(boxes: Tensor, name: str = "boxes") -> List[Tuple[Tensor, str]]:
+def box_checks(
+    boxes: Tensor, name: str = "boxes", values: bool = True
+) -> List[Tuple[Tensor, str]]:
     """Raise ``TypeError``/``ValueError`` naming ``name`` unless ``boxes`` is a float
     Tensor[N, 4]; return the value checks (finite, x1 <= x2, y1 <= y2) for
-    :func:`raise_failed`."""
+    :func:`raise_failed` (none with ``values=False``: no tensor op when the caller checks
+    the values elsewhere)."""
     if not isinstance(boxes, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(boxes).__name__}")
     if boxes.dim() != 2 or boxes.shape[1] != 4:
         raise ValueError(f"{name} must have shape [N, 4], got {list(boxes.shape)}")
     if not boxes.is_floating_point():
         raise TypeError(f"{name} must be a floating point tensor, got {boxes.dtype}")
-    if boxes.numel() == 0:
+    if boxes.numel() == 0 or not values:
         return []
     return [
         (torch.isfinite(boxes).all(), f"{name} contains non-finite values (inf or nan)"),
@@ -128,10 +131,10 @@ def box_checks(boxes: Tensor, name: str = "boxes") -> List[Tuple[Tensor, str]]:
 
 
 def score_checks(
-    scores: Tensor, num: int, name: str = "scores", boxes_name: str = "boxes"
+    scores: Tensor, num: int, name: str = "scores", boxes_name: str = "boxes", values: bool = True
 ) -> List[Tuple[Tensor, str]]:
     """Raise unless ``scores`` is a float Tensor[num]; return the value check (finite)
-    for :func:`raise_failed`."""
+    for :func:`raise_failed` (none with ``values=False``)."""
     if not isinstance(scores, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(scores).__name__}")
     if scores.dim() != 1 or scores.shape[0] != num:
@@ -141,7 +144,7 @@ def score_checks(
         )
     if not scores.is_floating_point():
         raise TypeError(f"{name} must be a floating point tensor, got {scores.dtype}")
-    if scores.numel() == 0:
+    if scores.numel() == 0 or not values:
         return []
     return [(torch.isfinite(scores).all(), f"{name} contains non-finite values (inf or nan)")]
 

@@ -88,8 +88,8 @@ def box_voting(
         voted_boxes (Tensor[K, 4]): the refined boxes, in the order of ``boxes``.
         voted_scores (Tensor[K]): their scores, in the same order (not re-sorted).
     """
-    box_checks(boxes, "boxes")  # shapes: the values are checked once, below
-    box_checks(candidate_boxes, "candidate_boxes")
+    box_checks(boxes, "boxes", values=False)  # shapes: the values are checked once, below
+    box_checks(candidate_boxes, "candidate_boxes", values=False)
     idxs = boxes.new_zeros(boxes.shape[0], dtype=torch.int64)
     cand_idxs = candidate_boxes.new_zeros(candidate_boxes.shape[0], dtype=torch.int64)
     return batched_box_voting(

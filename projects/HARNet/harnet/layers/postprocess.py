@@ -102,8 +102,8 @@ def suppress_detections(
     )  # fmt: skip
     if torch.jit.is_tracing():
         return scripted_suppress_detections()(boxes, scores, classes, *args)
-    box_checks(boxes)  # shapes and dtypes (the values: below)
-    score_checks(scores, boxes.shape[0])
+    box_checks(boxes, values=False)  # shapes and dtypes (the values: below)
+    score_checks(scores, boxes.shape[0], values=False)
     check_category_indices(classes, boxes.shape[0], "classes", "boxes")
     if nms_type != "hard" or voting:
         # Soft-NMS and voting weigh by the scores: checked inputs, and non-finite candidates

@@ -270,3 +270,18 @@ def test_tta_of_unsupported_merges_and_models_raise(tta_images):
         harnet.build_tta_model(cfg, model)
     with pytest.raises(TypeError, match="forward_candidates"):
         harnet.DenseDetectorWithTTA(cfg, torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("name", ["Mask R-CNN", "RetinaNet"])
+def test_tta_without_candidates_gives_empty_detections(name, tta_images):
+    model = _model(name)
+    if hasattr(model, "roi_heads"):
+        model.roi_heads.box_predictor.test_score_thresh = 1.1  # no score passes
+    else:
+        model.test_score_thresh = 1.1
+    tta = harnet.build_tta_model(_tta_cfg(name, (96, 144), True), model)
+    out = tta(copy.deepcopy(tta_images[:1]))[0]["instances"]
+    assert len(out) == 0 and out.image_size == (96, 112)
+    assert out.pred_boxes.tensor.shape == (0, 4)
+    if name == "Mask R-CNN":
+        assert out.pred_masks.shape == (0, 96, 112)

@@ -34,7 +34,6 @@ from detectron2.utils.registry import locate
 from omegaconf import OmegaConf
 
 from ..config import add_harnet_config
-
 from ..data.samplers import ResumableTrainLoader
 from ..modeling.any_detector import harnet_postprocess_from_params
 from .trainer import HARNetTrainer, fast_coco_eval_available
@@ -88,8 +87,9 @@ def check_lazy_tta(cfg):
 
     if "tta" not in cfg.get("harnet", {}):
         return
+    yacs = tta_yacs_config(cfg, None)  # its own errors name harnet.tta already
     try:
-        check_test_aug_config(tta_yacs_config(cfg, None))
+        check_test_aug_config(yacs)
     except ValueError as e:
         raise ValueError(f"harnet.tta (TEST.AUG in lower case): {e}") from None
 
@@ -103,9 +103,9 @@ def _yacs_defaults():
 def _lower_keys(node):
     out = {}
     for k, v in node.items():
-        out[k.lower()] = _lower_keys(v) if isinstance(v, CfgNode) else v
-        if isinstance(v, tuple):
-            out[k.lower()] = list(v)
+        if isinstance(v, CfgNode):
+            v = _lower_keys(v)
+        out[k.lower()] = list(v) if isinstance(v, tuple) else v
     return out
 
 
@@ -183,7 +183,7 @@ class LazyConfigTrainer(HARNetTrainer):
     def build_model(cls, cfg):
         """``cfg.model`` on ``train.device``; a Detectron2 detector gets HAR-Net's
         post-processing when ``harnet.postprocess`` (see
-        :func:`harnet.engine.add_harnet_postprocess_node`) asks for it."""
+        :func:`add_harnet_lazy_keys`) asks for it."""
         model = instantiate(cfg.model)
         params = _select(cfg, "harnet.postprocess", None)
         if params is not None:

@@ -34,7 +34,12 @@ from .soft_nms import (
     soft_nms_eager,
 )
 
-__all__ = ["suppress_detections", "suppress_detections_scriptable", "postprocess_params_from_cfg"]
+__all__ = [
+    "suppress_detections",
+    "suppress_detections_scriptable",
+    "suppression_args",
+    "postprocess_params_from_cfg",
+]
 
 
 def suppress_detections(
@@ -88,17 +93,10 @@ def suppress_detections(
         hard NMS leaves them to Detectron2's ``detector_postprocess``, whose clipping and
         empty-box filter remove non-finite boxes (no host synchronisation added).
     """
-    if nms_type not in SOFT_NMS_METHODS:
-        raise ValueError(f"nms_type must be one of {SOFT_NMS_METHODS}, got {nms_type!r}")
-    if voting:
-        voting_scoring = canonical_voting_scoring(voting_scoring, "voting_scoring")
-        if not 0 <= voting_iou <= 1:
-            raise ValueError(f"voting_iou must be in [0, 1], got {voting_iou}")
-    if int(max_detections) < 0:
-        raise ValueError(f"max_detections must be >= 0, got {max_detections}")
-    args = (
-        nms_type, float(iou_threshold), float(soft_nms_sigma), float(soft_nms_min_score),
-        bool(voting), float(voting_iou), voting_scoring, int(max_detections), float(min_score),
+    args = suppression_args(
+        nms_type=nms_type, iou_threshold=iou_threshold, soft_nms_sigma=soft_nms_sigma,
+        soft_nms_min_score=soft_nms_min_score, voting=voting, voting_iou=voting_iou,
+        voting_scoring=voting_scoring, max_detections=max_detections, min_score=min_score,
     )  # fmt: skip
     if torch.jit.is_tracing():
         return scripted_suppress_detections()(boxes, scores, classes, *args)
@@ -125,6 +123,38 @@ def suppress_detections(
             boxes, scores, classes, dropped = drop_non_finite(boxes, scores, classes)
             _warn_dropped(dropped)
     return suppress_detections_scriptable(boxes, scores, classes, *args, eager=True)
+
+
+SuppressionArgs = Tuple[str, float, float, float, bool, float, str, int, float]
+
+
+def suppression_args(
+    *,
+    nms_type: str = "hard",
+    iou_threshold: float = 0.5,
+    soft_nms_sigma: float = 0.5,
+    soft_nms_min_score: float = 0.001,
+    voting: bool = False,
+    voting_iou: float = 0.6,
+    voting_scoring: str = "max",
+    max_detections: int = 100,
+    min_score: float = 0.0,
+) -> SuppressionArgs:
+    """:func:`suppress_detections`' keyword arguments (same defaults), checked, as the
+    positional tail of :func:`suppress_detections_scriptable` (``voting_scoring``
+    canonical): what a scripted or exported detector stores."""
+    if nms_type not in SOFT_NMS_METHODS:
+        raise ValueError(f"nms_type must be one of {SOFT_NMS_METHODS}, got {nms_type!r}")
+    if voting:
+        voting_scoring = canonical_voting_scoring(voting_scoring, "voting_scoring")
+        if not 0 <= voting_iou <= 1:
+            raise ValueError(f"voting_iou must be in [0, 1], got {voting_iou}")
+    if int(max_detections) < 0:
+        raise ValueError(f"max_detections must be >= 0, got {max_detections}")
+    return (
+        nms_type, float(iou_threshold), float(soft_nms_sigma), float(soft_nms_min_score),
+        bool(voting), float(voting_iou), voting_scoring, int(max_detections), float(min_score),
+    )  # fmt: skip
 
 
 def suppress_detections_scriptable(

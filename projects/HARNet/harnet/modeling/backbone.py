@@ -1,9 +1,9 @@
 """ResNet-FPN backbone of HAR-Net: Detectron2's RetinaNet backbone with aligned attention
 on chosen bottom-up outputs (C4, C5) before the FPN."""
 
-from typing import List, Sequence
+from typing import Dict, List, Sequence
 
-from torch import nn
+from torch import Tensor, nn
 
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
@@ -61,7 +61,7 @@ class AlignedResNet(ResNet):
         super().__init__(resnet.stem, stages, out_features=list(resnet._out_features))
         self.aligned_attention = nn.ModuleDict(dict(zip(in_features, refiners)))
 
-    def forward(self, x):
+    def forward(self, x: Tensor) -> Dict[str, Tensor]:
         """
         Args:
             x (Tensor[N, C, H, W]): the input images.
@@ -69,7 +69,17 @@ class AlignedResNet(ResNet):
         Returns:
             dict[str -> Tensor]: the ResNet's outputs, with ``in_features`` refined.
         """
-        outputs = super().forward(x)
+        # ResNet.forward's walk over the stem and stages, written out rather than called
+        # through super(): TorchScript compiles no super() call, and scripting the detector
+        # (detectron2.export.scripting_with_instances) compiles this method.
+        outputs: Dict[str, Tensor] = {}
+        x = self.stem(x)
+        if "stem" in self._out_features:
+            outputs["stem"] = x
+        for name, stage in zip(self.stage_names, self.stages):
+            x = stage(x)
+            if name in self._out_features:
+                outputs[name] = x
         for name, refiner in self.aligned_attention.items():
             outputs[name] = refiner(outputs[name])
         return outputs

@@ -50,8 +50,8 @@ def authors_level_candidates(
     """
     if scores.dim() != 2 or anchors.shape[0] != scores.shape[0] or deltas.shape != anchors.shape:
         raise ValueError(
-            f"authors_level_candidates: anchors {tuple(anchors.shape)}, scores "
-            f"{tuple(scores.shape)} and deltas {tuple(deltas.shape)} do not match"
+            f"authors_level_candidates: anchors {list(anchors.shape)}, scores "
+            f"{list(scores.shape)} and deltas {list(deltas.shape)} do not match"
         )
     # One host synchronisation (the final selection's size): no Boxes.clip assert, no
     # nonzero of the size filter; too-small anchors score -inf instead.

@@ -1,6 +1,7 @@
 """The HAR-Net head: RetinaNet towers with cross-level group norm, per-level spatial attention,
 cross-level SE channel attention and a second predictor pair."""
 
+import copy
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -200,14 +201,33 @@ class HARRetinaNetHead(RetinaNetHead):
         """Number of predictor pairs (2 with the dual predictor, else 1)."""
         return 2 if self.dual_predictor else 1
 
-    def _tower(self, subnet: nn.Sequential, norms: Optional[nn.ModuleList], features):
+    def _towers(self, features: List[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
+        """The cls and box towers' outputs, per level."""
+        if torch.jit.is_scripting():  # the modules of __prepare_scriptable__
+            return self._scripting_cls_tower(features), self._scripting_bbox_tower(features)
+        return (
+            self._tower(self.cls_subnet, getattr(self, "cls_subnet_norm", None))(features),
+            self._tower(self.bbox_subnet, getattr(self, "bbox_subnet_norm", None))(features),
+        )
+
+    @staticmethod
+    def _tower(subnet: nn.Sequential, norms: Optional[nn.ModuleList]) -> nn.Module:
         if norms is None:
-            return [subnet(x) for x in features]
-        convs = [m for m in subnet if isinstance(m, nn.Conv2d)]
-        for conv, norm in zip(convs, norms):
-            # The norm needs every level's conv output before any level can go on.
-            features = [F.relu(x) for x in norm([conv(x) for x in features])]
-        return features
+            return PerLevel(subnet)
+        return CrossLevelTower([m for m in subnet if isinstance(m, nn.Conv2d)], norms)
+
+    def __prepare_scriptable__(self) -> "HARRetinaNetHead":
+        """What ``torch.jit.script`` compiles: a shallow copy holding each tower as one
+        module (shared weights; the original's parameter names are untouched)."""
+        scripted = copy.copy(self)
+        scripted._modules = dict(self._modules)
+        scripted._scripting_cls_tower = self._tower(
+            self.cls_subnet, getattr(self, "cls_subnet_norm", None)
+        )
+        scripted._scripting_bbox_tower = self._tower(
+            self.bbox_subnet, getattr(self, "bbox_subnet_norm", None)
+        )
+        return scripted
 
     def spatial_masks(self, features: List[Tensor]) -> List[Tensor]:
         """
@@ -224,7 +244,10 @@ class HARRetinaNetHead(RetinaNetHead):
         branches = self.spatial_attention
         if len(branches) == 1:
             return [branches[0](x) for x in features]
-        return [branch(x) for branch, x in zip(branches, features)]
+        masks: List[Tensor] = []
+        for i, branch in enumerate(branches):  # (TorchScript: a loop over the modules)
+            masks.append(branch(features[i]))
+        return masks
 
     def _attend(self, x: Tensor, mask: Tensor) -> Tensor:
         return x * mask if self.spatial_mode == "mul" else x * (1 + mask)
@@ -240,18 +263,22 @@ class HARRetinaNetHead(RetinaNetHead):
                   tensors of shape (N, A*K, H_l, W_l) and (N, A*4, H_l, W_l);
               "masks": list[Tensor[N, 1, H_l, W_l]] spatial masks, or None.
         """
+        predictions, masks = self._predict(features)
+        return {"predictions": predictions, "masks": masks}
+
+    def _predict(self, features: List[Tensor]) -> Tuple[List[Predictions], Optional[List[Tensor]]]:
         if len(features) != self._num_features:
             raise ValueError(
                 f"HARRetinaNetHead: got {len(features)} feature levels, built for "
                 f"{self._num_features}"
             )
-        cls_feats = self._tower(self.cls_subnet, getattr(self, "cls_subnet_norm", None), features)
-        box_feats = self._tower(self.bbox_subnet, getattr(self, "bbox_subnet_norm", None), features)
-        masks = None
+        cls_feats, box_feats = self._towers(features)
+        masks: Optional[List[Tensor]] = None
         if self.use_spatial:
-            masks = self.spatial_masks(features)
-            cls_feats = [self._attend(x, m) for x, m in zip(cls_feats, masks)]
-            box_feats = [self._attend(x, m) for x, m in zip(box_feats, masks)]
+            level_masks = self.spatial_masks(features)
+            cls_feats = [self._attend(x, m) for x, m in zip(cls_feats, level_masks)]
+            box_feats = [self._attend(x, m) for x, m in zip(box_feats, level_masks)]
+            masks = level_masks
 
         predictions: List[Predictions] = []
         if not self.use_channel or self.dual_predictor:
@@ -261,10 +288,15 @@ class HARRetinaNetHead(RetinaNetHead):
         if self.use_channel:
             cls_ch = self.cls_channel_attention(cls_feats)
             box_ch = self.bbox_channel_attention(box_feats)
-            cls_score = self.channel_cls_score if self.dual_predictor else self.cls_score
-            bbox_pred = self.channel_bbox_pred if self.dual_predictor else self.bbox_pred
-            predictions.append(([cls_score(x) for x in cls_ch], [bbox_pred(x) for x in box_ch]))
-        return {"predictions": predictions, "masks": masks}
+            # (Two calls rather than a chosen module: TorchScript calls submodules by name.)
+            if self.dual_predictor:
+                cls_out = [self.channel_cls_score(x) for x in cls_ch]
+                box_out = [self.channel_bbox_pred(x) for x in box_ch]
+            else:
+                cls_out = [self.cls_score(x) for x in cls_ch]
+                box_out = [self.bbox_pred(x) for x in box_ch]
+            predictions.append((cls_out, box_out))
+        return predictions, masks
 
     @staticmethod
     def average_predictions(predictions: List[Predictions]) -> Predictions:
@@ -272,11 +304,14 @@ class HARRetinaNetHead(RetinaNetHead):
         if len(predictions) == 1:
             return predictions[0]
         n = len(predictions)
-        logits = [sum(level) / n for level in zip(*(p[0] for p in predictions))]
-        deltas = [sum(level) / n for level in zip(*(p[1] for p in predictions))]
-        return logits, deltas
+        logits = list(predictions[0][0])
+        deltas = list(predictions[0][1])
+        for other in predictions[1:]:  # sum() order: the same floats as before
+            logits = [a + b for a, b in zip(logits, other[0])]
+            deltas = [a + b for a, b in zip(deltas, other[1])]
+        return [x / n for x in logits], [x / n for x in deltas]
 
-    def forward(self, features: List[Tensor]):
+    def forward(self, features: List[Tensor]) -> Predictions:
         """
         Args:
             features (list[Tensor[N, C, H_l, W_l]]): the FPN levels, high to low resolution.
@@ -285,4 +320,36 @@ class HARRetinaNetHead(RetinaNetHead):
             logits (list[Tensor[N, A*K, H_l, W_l]]), bbox_reg (list[Tensor[N, A*4, H_l, W_l]]):
             as :class:`RetinaNetHead`, averaged over the predictor pairs.
         """
-        return self.average_predictions(self.forward_predictors(features)["predictions"])
+        return self.average_predictions(self._predict(features)[0])
+
+
+class PerLevel(nn.Module):
+    """``module`` applied to each level: ``[module(x) for x in features]``."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, features: List[Tensor]) -> List[Tensor]:
+        return [self.module(x) for x in features]
+
+
+class CrossLevelTower(nn.Module):
+    """A CLGN tower: ``f <- relu(CLGN_i([conv_i(f_l) for l]))`` for each (conv_i, CLGN_i);
+    each norm needs every level's conv output before any level can go on. Holds (does not
+    own) the head's convs and norms."""
+
+    def __init__(self, convs: List[nn.Module], norms: nn.ModuleList):
+        super().__init__()
+        if len(convs) != len(norms):
+            raise ValueError(f"CrossLevelTower: {len(convs)} convs but {len(norms)} norms")
+        self.convs = nn.ModuleList(convs)
+        self.norms = norms
+
+    def forward(self, features: List[Tensor]) -> List[Tensor]:
+        for conv, norm in zip(self.convs, self.norms):
+            outputs: List[Tensor] = []
+            for x in features:  # (a loop: TorchScript calls a zipped module in no comprehension)
+                outputs.append(conv(x))
+            features = [F.relu(x) for x in norm(outputs)]
+        return features

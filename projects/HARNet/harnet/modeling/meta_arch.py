@@ -1,7 +1,8 @@
 """HARRetinaNet: Detectron2's RetinaNet with HAR-Net's hybrid attention."""
 
+import copy
 import math
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -14,7 +15,12 @@ from detectron2.utils.events import get_event_storage
 
 from ..config_checks import check_harnet_config
 from .config_keys import HEAD_KEYS, naming_config_keys
-from ..layers.postprocess import postprocess_params_from_cfg, suppress_detections
+from ..layers.postprocess import (
+    postprocess_params_from_cfg,
+    suppress_detections,
+    suppress_detections_scriptable,
+    suppression_args,
+)
 from .candidates import CANDIDATE_MODES, authors_level_candidates
 from .head import HARRetinaNetHead
 from .losses import LOSS_NORMALIZERS, eager_retinanet_focal_loss, per_level_normalized_losses
@@ -146,6 +152,8 @@ class HARRetinaNet(RetinaNet):
         Returns:
             training: dict of losses; inference: list of {"instances": Instances}.
         """
+        if torch.jit.is_scripting():  # (inference only; see __prepare_scriptable__)
+            return self._scripted_inference(batched_inputs)
         if not self.training:
             # One inference path for both candidate modes: the candidates, `suppress`, then
             # Detectron2's detector_postprocess. (DenseDetector.forward_inference does not
@@ -311,9 +319,19 @@ class HARRetinaNet(RetinaNet):
             results.append(candidates)
         return results
 
-    def _authors_candidates(self, anchors, scores, deltas, image_size, min_size) -> Instances:
-        per_level = [
-            authors_level_candidates(
+    def _authors_candidates(
+        self,
+        anchors: List[Boxes],
+        scores: List[Tensor],
+        deltas: List[Tensor],
+        image_size: Tuple[int, int],
+        min_size: Tuple[float, float],
+    ) -> Instances:
+        boxes: List[Tensor] = []
+        level_scores: List[Tensor] = []
+        classes: List[Tensor] = []
+        for a, s, d in zip(anchors, scores, deltas):
+            b, ls, c = authors_level_candidates(
                 a.tensor,
                 s,
                 d,
@@ -323,12 +341,73 @@ class HARRetinaNet(RetinaNet):
                 self.test_score_thresh,
                 self.test_topk_candidates,
             )
-            for a, s, d in zip(anchors, scores, deltas)
-        ]
-        boxes, level_scores, classes = (torch.cat(x) for x in zip(*per_level))
-        return Instances(
-            image_size, pred_boxes=Boxes(boxes), scores=level_scores, pred_classes=classes
+            boxes.append(b)
+            level_scores.append(ls)
+            classes.append(c)
+        result = Instances(image_size)
+        result.pred_boxes = Boxes(torch.cat(boxes))
+        result.scores = torch.cat(level_scores)
+        result.pred_classes = torch.cat(classes)
+        return result
+
+    # ---------------------------------------------------------------- scripting
+    def __prepare_scriptable__(self) -> "HARRetinaNet":
+        """What ``torch.jit.script`` (e.g. ``detectron2.export.scripting_with_instances``)
+        compiles: a copy in eval mode (this model is left as it is) with
+        ``postprocess_params`` frozen as the typed arguments of
+        :func:`suppress_detections_scriptable` (soft-NMS and voting run as PyTorch ops).
+        The scripted forward is inference only and returns what the eager one does."""
+        if self.training:
+            raise ValueError("HARRetinaNet: script the model in eval mode (model.eval())")
+        scripted = copy.deepcopy(self)
+        scripted._scripted_postprocess = suppression_args(**self.postprocess_params)
+        return scripted
+
+    def _scripted_inference(
+        self, batched_inputs: List[Dict[str, Tensor]]
+    ) -> List[Dict[str, Instances]]:
+        images = self.preprocess_image(batched_inputs)
+        features = self.backbone(images.tensor)
+        features = [features[f] for f in self.head_in_features]
+        pred_logits, pred_deltas = self._transpose_dense_predictions(
+            self.head(features), [self.num_classes, 4]
         )
+        anchors = self.anchor_generator(features)
+        results: List[Dict[str, Instances]] = []
+        for i, image_size in enumerate(images.image_sizes):
+            inp = batched_inputs[i]
+            height = int(inp["height"]) if "height" in inp else image_size[0]
+            width = int(inp["width"]) if "width" in inp else image_size[1]
+            scores = [x[i].sigmoid() for x in pred_logits]
+            deltas = [x[i] for x in pred_deltas]
+            if self.candidate_mode == "authors":
+                min_size = (
+                    self.candidate_min_size * image_size[1] / width,
+                    self.candidate_min_size * image_size[0] / height,
+                )
+                candidates = self._authors_candidates(anchors, scores, deltas, image_size, min_size)
+            else:
+                candidates = self._decode_multi_level_predictions(
+                    anchors, scores, deltas, self.test_score_thresh, self.test_topk_candidates,
+                    image_size,
+                )  # fmt: skip
+            pp = self._scripted_postprocess
+            boxes, kept_scores, classes = suppress_detections_scriptable(
+                candidates.pred_boxes.tensor, candidates.scores, candidates.pred_classes,
+                pp[0], pp[1], pp[2], pp[3], pp[4], pp[5], pp[6], pp[7], pp[8],
+            )  # fmt: skip
+            # detector_postprocess's box steps (it is not scriptable): rescale to the
+            # output size, clip, drop empty boxes.
+            out_boxes = Boxes(boxes)
+            out_boxes.scale(width / image_size[1], height / image_size[0])
+            out_boxes.clip((height, width))
+            keep = out_boxes.nonempty()
+            detections = Instances((height, width))
+            detections.pred_boxes = out_boxes[keep]
+            detections.scores = kept_scores[keep]
+            detections.pred_classes = classes[keep]
+            results.append({"instances": detections})
+        return results
 
     @torch.no_grad()
     def attention_maps(self, batched_inputs: List[Dict[str, Tensor]]) -> List[List[Tensor]]:

@@ -27,6 +27,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, Instances
@@ -34,6 +35,10 @@ from detectron2.structures import Boxes, Instances
 __all__ = [
     "trace_detector",
     "export_torchscript",
+    "script_detector",
+    "export_scripting",
+    "ExportableDetector",
+    "export_program",
     "HeadOutputs",
     "export_onnx",
     "detections_from_head_outputs",
@@ -116,6 +121,155 @@ def export_torchscript(model: nn.Module, image: Tensor, path: str) -> torch.jit.
     traced = trace_detector(model, image)
     torch.jit.save(traced, path)
     return traced
+
+
+class _FlatDetections(nn.Module):
+    """``model([{"image": image}])``'s detections as ``(boxes, classes, scores)``: the
+    contract of every export format (no Detectron2 structure crosses the boundary)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        instances = self.model([{"image": image}])[0]["instances"]
+        return instances.pred_boxes.tensor, instances.pred_classes, instances.scores
+
+
+def script_detector(model: nn.Module) -> torch.jit.ScriptModule:
+    """Scripts ``model`` (a HARRetinaNet in eval mode; any post-processing) with
+    Detectron2's ``scripting_with_instances``: the greedy loops of soft-NMS and voting are
+    compiled, so the module holds for any image. ``model`` itself is left unchanged
+    (:meth:`HARRetinaNet.__prepare_scriptable__` scripts a copy).
+
+    Returns:
+        ScriptModule: ``forward(image Tensor[3, H, W]) -> (boxes, classes, scores)`` as
+        ``model([{"image": image}])`` gives them.
+    """
+    from detectron2.export import scripting_with_instances
+
+    if model.training:
+        raise ValueError("script_detector: the model must be in eval mode (model.eval())")
+    fields = {"pred_boxes": Boxes, "scores": Tensor, "pred_classes": Tensor}
+    with warnings.catch_warnings():  # torch >= 2.10 marks TorchScript deprecated
+        warnings.simplefilter("ignore", FutureWarning)
+        return scripting_with_instances(_FlatDetections(model), fields)
+
+
+def export_scripting(model: nn.Module, path: str) -> torch.jit.ScriptModule:
+    """:func:`script_detector`, saved to ``path`` (``torch.jit.load``; torch and
+    torchvision only)."""
+    scripted = script_detector(model)
+    torch.jit.save(scripted, path)
+    return scripted
+
+
+class ExportableDetector(nn.Module):
+    """A HARRetinaNet's inference written for ``torch.export`` with symbolic image sizes:
+    the same steps and detections as ``model([{"image": image}])``, with
+
+    - the padding to ``size_divisibility`` as an explicit multiple (so the compiler can
+      prove the FPN levels' sizes match);
+    - anchors from integer grids (Detectron2's ``arange(start, end, step)`` has a
+      float-rounded length, on which the export would specialise);
+    - each level's candidates as the top ``min(topk, count)`` scores, then the threshold
+      (Detectron2 thresholds, then sorts: the same candidates, ties aside);
+    - the suppression as one ``torch.ops.harnet.suppress_detections`` call.
+
+    ``forward(image Tensor[3, H, W]) -> (boxes, classes, scores)``.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        from .layers.postprocess import suppression_args
+
+        if getattr(model, "candidate_mode", "detectron2") != "detectron2":
+            raise ValueError(
+                "export_program: MODEL.HARNET.CANDIDATES.MODE 'authors' does not export "
+                "(it needs each image's original size); use 'detectron2', or --format scripting"
+            )
+        if getattr(model.backbone, "padding_constraints", {}).get("square_size", 0):
+            raise ValueError("export_program: square padding (square_size) does not export")
+        self.model = model
+        self.suppression = suppression_args(**model.postprocess_params)
+
+    def forward(self, image: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        m = self.model
+        height, width = image.shape[1], image.shape[2]
+        x = (image - m.pixel_mean) / m.pixel_std
+        d = max(int(m.backbone.size_divisibility), 1)
+        x = F.pad(x, (0, (width + d - 1) // d * d - width, 0, (height + d - 1) // d * d - height))
+        features = m.backbone(x[None])
+        features = [features[f] for f in m.head_in_features]
+        logits, deltas = m._transpose_dense_predictions(m.head(features), [m.num_classes, 4])
+        boxes, scores, classes = [], [], []
+        for level, (feature, stride, cell) in enumerate(
+            zip(features, m.anchor_generator.strides, m.anchor_generator.cell_anchors)
+        ):
+            anchors = _grid_anchors(feature, stride, cell, m.anchor_generator.offset)
+            level_scores = logits[level][0].sigmoid().flatten()
+            top, index = level_scores.topk(torch.sym_min(m.test_topk_candidates, level_scores.shape[0]))
+            keep = top > m.test_score_thresh
+            top, index = top[keep], index[keep]
+            anchor = torch.div(index, m.num_classes, rounding_mode="floor")
+            boxes.append(m.box2box_transform.apply_deltas(deltas[level][0][anchor], anchors[anchor]))
+            scores.append(top)
+            classes.append(index % m.num_classes)
+        b, s, c = torch.ops.harnet.suppress_detections(
+            torch.cat(boxes), torch.cat(scores), torch.cat(classes), *self.suppression
+        )
+        # detector_postprocess at the input's size: clip, drop empty boxes.
+        b = torch.stack(
+            [b[:, 0].clamp(0, width), b[:, 1].clamp(0, height),
+             b[:, 2].clamp(0, width), b[:, 3].clamp(0, height)], dim=1,
+        )  # fmt: skip
+        nonempty = (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])
+        return b[nonempty], c[nonempty], s[nonempty]
+
+
+def _grid_anchors(feature: Tensor, stride: int, cell: Tensor, offset: float) -> Tensor:
+    """Detectron2's ``DefaultAnchorGenerator`` anchors of one level (``(y, x, cell)``
+    order, ``(i + offset) * stride`` centres), from integer grids."""
+    h, w = feature.shape[-2], feature.shape[-1]
+    xs = (torch.arange(w, device=feature.device, dtype=torch.float32) + offset) * stride
+    ys = (torch.arange(h, device=feature.device, dtype=torch.float32) + offset) * stride
+    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+    grid_x, grid_y = grid_x.reshape(-1), grid_y.reshape(-1)
+    shifts = torch.stack((grid_x, grid_y, grid_x, grid_y), dim=1)
+    return (shifts.view(-1, 1, 4) + cell.view(1, -1, 4)).reshape(-1, 4)
+
+
+def export_program(
+    model: nn.Module, image: Tensor, path: str, max_size: int = 4096
+) -> "torch.export.ExportedProgram":
+    """Exports :class:`ExportableDetector` of ``model`` with ``torch.export`` (dynamic
+    height and width) and saves it to ``path`` (``.pt2``). Load it with ``import harnet``
+    (registers the suppression op) and ``torch.export.load(path).module()``.
+
+    Each side must lie in ``[coarsest stride + 1, max_size]`` (129 px for P3-P7): the
+    exported graph assumes no feature level has a side of 1 (that case would specialise
+    it). ``image`` (``Tensor[3, H, W]`` in that range) is the example.
+    """
+    import torch.fx.experimental._config as fx_config
+
+    if model.training:
+        raise ValueError("export_program: the model must be in eval mode (model.eval())")
+    min_size = max(int(s) for s in model.anchor_generator.strides) + 1
+    if min(image.shape[1:]) < min_size or max(image.shape[1:]) > max_size:
+        raise ValueError(
+            f"export_program: the example image is {tuple(image.shape[1:])}; its sides must "
+            f"be in [{min_size}, {max_size}] (the exported program's range)"
+        )
+    height = torch.export.Dim("height", min=min_size, max=max_size)
+    width = torch.export.Dim("width", min=min_size, max=max_size)
+    # Size-oblivious guards: a broadcast's size-1 test does not specialise the graph.
+    with torch.no_grad(), fx_config.patch(backed_size_oblivious=True):
+        program = torch.export.export(
+            ExportableDetector(model).eval(), (image,),
+            dynamic_shapes={"image": {1: height, 2: width}},
+        )  # fmt: skip
+    torch.export.save(program, path)
+    return program
 
 
 class HeadOutputs(nn.Module):

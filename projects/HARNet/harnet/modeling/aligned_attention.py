@@ -135,7 +135,8 @@ class AlignedAttention(nn.Module):
         # mapping NaN to 0 lets the NaN features propagate to a non-finite loss that the
         # trainer reports with its iteration.
         offset = torch.nan_to_num(offset, nan=0.0)
-        if torch.jit.is_tracing():  # the map size stays a traced value: any input size
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():  # the map size stays
+            # a traced (or symbolic) value: any input size
             limit = (offset.shape[-2] + offset.shape[-1] + 8) * torch.ones_like(offset[:1, :1, :1, :1])
             return torch.minimum(torch.maximum(offset, -limit), limit)
         limit = float(offset.shape[-2] + offset.shape[-1] + 8)

@@ -153,7 +153,7 @@ def script_detector(model: nn.Module) -> torch.jit.ScriptModule:
     fields = {"pred_boxes": Boxes, "scores": Tensor, "pred_classes": Tensor}
     with warnings.catch_warnings():  # torch >= 2.10 marks TorchScript deprecated
         warnings.simplefilter("ignore", FutureWarning)
-        return scripting_with_instances(_FlatDetections(model), fields)
+        return scripting_with_instances(_FlatDetections(model).eval(), fields)
 
 
 def export_scripting(model: nn.Module, path: str) -> torch.jit.ScriptModule:
@@ -208,11 +208,13 @@ class ExportableDetector(nn.Module):
         ):
             anchors = _grid_anchors(feature, stride, cell, m.anchor_generator.offset)
             level_scores = logits[level][0].sigmoid().flatten()
-            top, index = level_scores.topk(torch.sym_min(m.test_topk_candidates, level_scores.shape[0]))
+            count = torch.sym_min(m.test_topk_candidates, level_scores.shape[0])  # no guard
+            top, index = level_scores.topk(count)
             keep = top > m.test_score_thresh
             top, index = top[keep], index[keep]
             anchor = torch.div(index, m.num_classes, rounding_mode="floor")
-            boxes.append(m.box2box_transform.apply_deltas(deltas[level][0][anchor], anchors[anchor]))
+            level_deltas = deltas[level][0][anchor]
+            boxes.append(m.box2box_transform.apply_deltas(level_deltas, anchors[anchor]))
             scores.append(top)
             classes.append(index % m.num_classes)
         b, s, c = torch.ops.harnet.suppress_detections(

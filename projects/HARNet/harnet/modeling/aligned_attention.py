@@ -137,7 +137,8 @@ class AlignedAttention(nn.Module):
         offset = torch.nan_to_num(offset, nan=0.0)
         if torch.jit.is_tracing() or torch.compiler.is_compiling():  # the map size stays
             # a traced (or symbolic) value: any input size
-            limit = (offset.shape[-2] + offset.shape[-1] + 8) * torch.ones_like(offset[:1, :1, :1, :1])
+            extent = offset.shape[-2] + offset.shape[-1] + 8
+            limit = extent * torch.ones_like(offset[:1, :1, :1, :1])
             return torch.minimum(torch.maximum(offset, -limit), limit)
         limit = float(offset.shape[-2] + offset.shape[-1] + 8)
         return offset.clamp(-limit, limit)

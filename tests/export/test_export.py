@@ -1,6 +1,7 @@
 """Export (tools/export_model.py, harnet.export): exported in one process, loaded in a fresh one
-(TorchScript: only torch + torchvision imported; ONNX: onnxruntime), compared with the eager
-model on three image sizes, one much larger than the traced one."""
+(TorchScript, traced or scripted: only torch + torchvision imported; torch.export: harnet for
+its suppression op; ONNX: onnxruntime), compared with the eager model on three image sizes
+other than the example's or beside it, one much larger."""
 
 import os
 import re
@@ -19,6 +20,10 @@ pytest.importorskip("detectron2.export", reason="Detectron2's export module (Tra
 
 TRACE_SIZE = (96, 128)
 SIZES = (TRACE_SIZE, (64, 80), (320, 448))
+# torch.export's program takes sides >= the coarsest stride + 1 (129 px for P3-P7).
+EXPORT_SIZE = (160, 192)
+EXPORT_SIZES = (EXPORT_SIZE, (129, 203), (320, 448))
+FORMATS = ("torchscript", "scripting", "export")
 VARIANTS = {
     "hard": [],
     "gaussian_voting": [
@@ -34,9 +39,15 @@ LOAD_AND_RUN = textwrap.dedent("""
     out_dir = sys.argv[1]
     images = torch.load(f"{out_dir}/images.pt")
     results = {}
+    export_images = torch.load(f"{out_dir}/export_images.pt")
     for name in sys.argv[2:]:
         path = f"{out_dir}/{name}/model.ts"
-        if name == "onnx":
+        if name.startswith("export"):
+            import harnet  # registers torch.ops.harnet.suppress_detections
+            program = torch.export.load(f"{out_dir}/{name}/model.pt2").module()
+            with torch.no_grad():
+                results[name] = [program(im) for im in export_images]
+        elif name == "onnx":
             import onnxruntime
             session = onnxruntime.InferenceSession(f"{out_dir}/onnx/model.onnx")
             results[name] = [
@@ -75,21 +86,29 @@ def exported(tmp_path_factory):
     (out / "config.yaml").write_text(cfg.dump())
     g = torch.Generator().manual_seed(2)
     images = [torch.rand(3, h, w, generator=g) * 255 for h, w in SIZES]
+    export_images = [torch.rand(3, h, w, generator=g) * 255 for h, w in EXPORT_SIZES]
     torch.save(images, out / "images.pt")
+    torch.save(export_images, out / "export_images.pt")
     tool = os.path.join(REPO, "tools", "export_model.py")
     # --no-check: the comparison is this test's, in a fresh process.
-    common = ["--no-check", "--config-file", str(out / "config.yaml"), "--sample-size"]
-    common += [str(x) for x in TRACE_SIZE]
-    for name, opts in list(VARIANTS.items()) + [("onnx", [])]:
-        fmt = "onnx" if name == "onnx" else "torchscript"
+    common = ["--no-check", "--config-file", str(out / "config.yaml")]
+    names = []
+    for fmt, (variant, opts) in [(f, v) for f in FORMATS for v in VARIANTS.items()] + [
+        ("onnx", ("", []))
+    ]:
+        name = f"{fmt}_{variant}" if variant else fmt
+        names.append(name)
+        size = EXPORT_SIZE if fmt == "export" else TRACE_SIZE
         proc = _run([sys.executable, "-W", "always", tool, *common, "--format", fmt,
-                     "--output", str(out / name), "MODEL.WEIGHTS", str(out / "model.pth"), *opts])
+                     "--sample-size", *map(str, size), "--output", str(out / name),
+                     "MODEL.WEIGHTS", str(out / "model.pth"), *opts])  # fmt: skip
         # No warning located in the project's own code ("<file>:<line>: <Category>: ...").
         own = [line for line in proc.stderr.splitlines()
                if re.match(r"\s*" + re.escape(REPO) + r"/(projects|tools)/\S+:\d+: \w+Warning", line)]
         assert not own, own
-    _run([sys.executable, "-c", LOAD_AND_RUN, str(out), *VARIANTS, "onnx"])
-    return out, images, torch.load(out / "results.pt")
+    _run([sys.executable, "-c", LOAD_AND_RUN, str(out), *names])
+    results = torch.load(out / "results.pt")
+    return out, {"images": images, "export_images": export_images}, results
 
 
 def _eager(name, out):
@@ -98,21 +117,28 @@ def _eager(name, out):
     return model
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("name", list(VARIANTS))
-def test_torchscript_gives_the_eager_detections_at_any_size(name, exported, monkeypatch):
+def test_whole_detector_exports_give_the_eager_detections_at_any_size(
+    fmt, name, exported, monkeypatch
+):
     out, images, results = exported
     model = _eager(name, out)
-    for image, (boxes, classes, scores) in zip(images, results[name]):
+    inputs = images["export_images" if fmt == "export" else "images"]
+    for image, (boxes, classes, scores) in zip(inputs, results[f"{fmt}_{name}"]):
         with torch.no_grad():
             eager = model([{"image": image}])[0]["instances"]
-            # The PyTorch soft-NMS loop (the exported one): bit for bit.
+            # The PyTorch soft-NMS loop (what TorchScript runs): bit for bit.
             monkeypatch.setenv("HARNET_SOFT_NMS_NUMBA", "0")
             torch_loop = model([{"image": image}])[0]["instances"]
             monkeypatch.delenv("HARNET_SOFT_NMS_NUMBA")
         assert len(eager) > 10
-        assert torch.equal(boxes, torch_loop.pred_boxes.tensor)
-        assert torch.equal(scores, torch_loop.scores)
-        assert torch.equal(classes, torch_loop.pred_classes)
+        # torch.export calls the eager suppression (an op): eager's detections exactly;
+        # TorchScript runs the PyTorch loop.
+        want = eager if fmt == "export" else torch_loop
+        assert torch.equal(boxes, want.pred_boxes.tensor)
+        assert torch.equal(scores, want.scores)
+        assert torch.equal(classes, want.pred_classes)
         # The default (compiled loop on CPU): the same detections up to float rounding.
         assert torch.equal(classes, eager.pred_classes)
         torch.testing.assert_close(scores, eager.scores, rtol=1e-5, atol=1e-6)
@@ -125,7 +151,7 @@ def test_onnx_network_then_postprocessing_gives_the_eager_detections(exported):
     out, images, results = exported
     for name in VARIANTS:
         model = _eager(name, out)
-        for image, outputs in zip(images, results["onnx"]):
+        for image, outputs in zip(images["images"], results["onnx"]):
             with torch.no_grad():
                 network = HeadOutputs(model)(image)
                 eager = model([{"image": image}])[0]["instances"]

@@ -172,8 +172,6 @@ class ExportableDetector(nn.Module):
       prove the FPN levels' sizes match);
     - anchors from integer grids (Detectron2's ``arange(start, end, step)`` has a
       float-rounded length, on which the export would specialise);
-    - each level's candidates as the top ``min(topk, count)`` scores, then the threshold
-      (Detectron2 thresholds, then sorts: the same candidates, ties aside);
     - the suppression as one ``torch.ops.harnet.suppress_detections`` call.
 
     ``forward(image Tensor[3, H, W]) -> (boxes, classes, scores)``.
@@ -207,11 +205,12 @@ class ExportableDetector(nn.Module):
             zip(features, m.anchor_generator.strides, m.anchor_generator.cell_anchors)
         ):
             anchors = _grid_anchors(feature, stride, cell, m.anchor_generator.offset)
+            # Detectron2's selection: threshold, then a descending sort's first topk.
             level_scores = logits[level][0].sigmoid().flatten()
-            count = torch.sym_min(m.test_topk_candidates, level_scores.shape[0])  # no guard
-            top, index = level_scores.topk(count)
-            keep = top > m.test_score_thresh
-            top, index = top[keep], index[keep]
+            keep = level_scores > m.test_score_thresh
+            top, order = level_scores[keep].sort(descending=True)
+            index = torch.nonzero(keep).squeeze(1)[order[: m.test_topk_candidates]]
+            top = top[: m.test_topk_candidates]
             anchor = torch.div(index, m.num_classes, rounding_mode="floor")
             level_deltas = deltas[level][0][anchor]
             boxes.append(m.box2box_transform.apply_deltas(level_deltas, anchors[anchor]))

@@ -179,6 +179,8 @@ class ExportableDetector(nn.Module):
 
     def __init__(self, model: nn.Module):
         super().__init__()
+        from detectron2.modeling.meta_arch.dense_detector import DenseDetector
+
         from .layers.postprocess import suppression_args
 
         if getattr(model, "candidate_mode", "detectron2") != "detectron2":
@@ -190,6 +192,9 @@ class ExportableDetector(nn.Module):
             raise ValueError("export_program: square padding (square_size) does not export")
         self.model = model
         self.suppression = suppression_args(**model.postprocess_params)
+        # Tied scores keep Detectron2's order only with its own selection op.
+        decode = inspect.getsource(DenseDetector._decode_per_level_predictions)
+        self.select_by_topk = "pred_scores.topk(" in decode
 
     def forward(self, image: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         m = self.model
@@ -205,12 +210,16 @@ class ExportableDetector(nn.Module):
             zip(features, m.anchor_generator.strides, m.anchor_generator.cell_anchors)
         ):
             anchors = _grid_anchors(feature, stride, cell, m.anchor_generator.offset)
-            # Detectron2's selection: threshold, then a descending sort's first topk.
+            # This Detectron2's selection: threshold, then the first topk (ties in its order).
             level_scores = logits[level][0].sigmoid().flatten()
             keep = level_scores > m.test_score_thresh
-            top, order = level_scores[keep].sort(descending=True)
-            index = torch.nonzero(keep).squeeze(1)[order[: m.test_topk_candidates]]
-            top = top[: m.test_topk_candidates]
+            kept = level_scores[keep]
+            if self.select_by_topk:  # Detectron2 main
+                top, order = kept.topk(torch.sym_min(m.test_topk_candidates, kept.shape[0]))
+            else:  # 0.6: a descending sort
+                top, order = kept.sort(descending=True)
+                top, order = top[: m.test_topk_candidates], order[: m.test_topk_candidates]
+            index = torch.nonzero(keep).squeeze(1)[order]
             anchor = torch.div(index, m.num_classes, rounding_mode="floor")
             level_deltas = deltas[level][0][anchor]
             boxes.append(m.box2box_transform.apply_deltas(level_deltas, anchors[anchor]))

@@ -1,4 +1,5 @@
-"""Export a HARRetinaNet for deployment: TorchScript (the whole detector) and ONNX (the network).
+"""Export a HARRetinaNet for deployment: the whole detector as traced TorchScript, scripted
+TorchScript or a ``torch.export`` program; the network as ONNX.
 
 TorchScript (:func:`export_torchscript`): the detector is traced with Detectron2's
 ``TracingAdapter`` (the convention of Detectron2's ``tools/deploy/export_model.py``). Tracing
@@ -11,6 +12,9 @@ exported module takes one image ``Tensor[3, H, W]`` (the model's input format, a
 resized, any H and W) and returns ``(boxes Tensor[K, 4], classes Tensor[K] int64,
 scores Tensor[K])`` in the input image's pixels: Detectron2's flattened ``Instances``
 (fields in name order: pred_boxes, pred_classes, scores).
+
+Scripting (:func:`script_detector`) and ``torch.export`` (:func:`export_program`) give a
+module with the same contract: see their docs.
 
 ONNX (:func:`export_onnx`): the network only, image to head outputs (normalisation, padding,
 backbone with aligned attention, head with CLGN / spatial / channel attention), with dynamic

@@ -43,8 +43,11 @@ __all__ = [
     "export_scripting",
     "ExportableDetector",
     "export_program",
-    "HeadOutputs",
+    "OnnxDetector",
     "export_onnx",
+    "ONNX_OUTPUT_NAMES",
+    "HeadOutputs",
+    "export_onnx_network",
     "detections_from_head_outputs",
     "onnx_output_names",
 ]
@@ -229,9 +232,7 @@ class ExportableDetector(nn.Module):
             boxes.append(m.box2box_transform.apply_deltas(level_deltas, anchors[anchor]))
             scores.append(top)
             classes.append(index % m.num_classes)
-        b, s, c = torch.ops.harnet.suppress_detections(
-            torch.cat(boxes), torch.cat(scores), torch.cat(classes), *self.suppression
-        )
+        b, s, c = self._suppress(torch.cat(boxes), torch.cat(scores), torch.cat(classes))
         # detector_postprocess at the input's size: clip, drop empty boxes.
         b = torch.stack(
             [b[:, 0].clamp(0, width), b[:, 1].clamp(0, height),
@@ -239,6 +240,10 @@ class ExportableDetector(nn.Module):
         )  # fmt: skip
         nonempty = (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])
         return b[nonempty], c[nonempty], s[nonempty]
+
+
+    def _suppress(self, boxes: Tensor, scores: Tensor, classes: Tensor):
+        return torch.ops.harnet.suppress_detections(boxes, scores, classes, *self.suppression)
 
 
 def _grid_anchors(feature: Tensor, stride: int, cell: Tensor, offset: float) -> Tensor:
@@ -253,6 +258,44 @@ def _grid_anchors(feature: Tensor, stride: int, cell: Tensor, offset: float) -> 
     return (shifts.view(-1, 1, 4) + cell.view(1, -1, 4)).reshape(-1, 4)
 
 
+class OnnxDetector(ExportableDetector):
+    """:class:`ExportableDetector` with the suppression in standard ops: the greedy loops of
+    (soft-)NMS and box voting as ``while_loop`` loops over fixed-shape state
+    (:mod:`harnet.layers.suppress_loop`), which ONNX runs as ``Loop`` nodes. The same
+    detections as the model, up to the rounding of voting sums; non-finite candidates are
+    dropped on every path, and ties keep index order."""
+
+    def _suppress(self, boxes: Tensor, scores: Tensor, classes: Tensor):
+        from .layers.suppress_loop import suppress_detections_loop
+
+        return suppress_detections_loop(boxes, scores, classes, *self.suppression)
+
+
+def _export_dynamic(
+    module: ExportableDetector, image: Tensor, max_size: int, caller: str
+) -> "torch.export.ExportedProgram":
+    """``torch.export`` of ``module`` on ``image`` with dynamic height and width, each in
+    ``[coarsest stride + 1, max_size]``."""
+    import torch.fx.experimental._config as fx_config
+
+    model = module.model
+    if model.training:
+        raise ValueError(f"{caller}: the model must be in eval mode (model.eval())")
+    min_size = max(int(s) for s in model.anchor_generator.strides) + 1
+    if min(image.shape[1:]) < min_size or max(image.shape[1:]) > max_size:
+        raise ValueError(
+            f"{caller}: the example image is {tuple(image.shape[1:])}; its sides must "
+            f"be in [{min_size}, {max_size}] (the exported program's range)"
+        )
+    height = torch.export.Dim("height", min=min_size, max=max_size)
+    width = torch.export.Dim("width", min=min_size, max=max_size)
+    # Size-oblivious guards: a broadcast's size-1 test does not specialise the graph.
+    with torch.no_grad(), fx_config.patch(backed_size_oblivious=True):
+        return torch.export.export(
+            module.eval(), (image,), dynamic_shapes={"image": {1: height, 2: width}}
+        )
+
+
 def export_program(
     model: nn.Module, image: Tensor, path: str, max_size: int = 4096
 ) -> "torch.export.ExportedProgram":
@@ -264,26 +307,87 @@ def export_program(
     exported graph assumes no feature level has a side of 1 (that case would specialise
     it). ``image`` (``Tensor[3, H, W]`` in that range) is the example.
     """
-    import torch.fx.experimental._config as fx_config
-
     if model.training:
         raise ValueError("export_program: the model must be in eval mode (model.eval())")
-    min_size = max(int(s) for s in model.anchor_generator.strides) + 1
-    if min(image.shape[1:]) < min_size or max(image.shape[1:]) > max_size:
-        raise ValueError(
-            f"export_program: the example image is {tuple(image.shape[1:])}; its sides must "
-            f"be in [{min_size}, {max_size}] (the exported program's range)"
-        )
-    height = torch.export.Dim("height", min=min_size, max=max_size)
-    width = torch.export.Dim("width", min=min_size, max=max_size)
-    # Size-oblivious guards: a broadcast's size-1 test does not specialise the graph.
-    with torch.no_grad(), fx_config.patch(backed_size_oblivious=True):
-        program = torch.export.export(
-            ExportableDetector(model).eval(), (image,),
-            dynamic_shapes={"image": {1: height, 2: width}},
-        )  # fmt: skip
+    program = _export_dynamic(ExportableDetector(model), image, max_size, "export_program")
     torch.export.save(program, path)
     return program
+
+
+ONNX_OUTPUT_NAMES = ("boxes", "classes", "scores")
+
+
+def export_onnx(
+    model: nn.Module, image: Tensor, path: str, max_size: int = 4096, opset_version: int = 19
+):
+    """Exports the whole detector, :class:`OnnxDetector` of ``model``, to ONNX at ``path``
+    with ``torch.onnx.export(..., dynamo=True)`` (needs the ``onnxscript`` package).
+
+    The graph takes ``image`` ``[3, height, width]`` (dynamic, each side in
+    ``[coarsest stride + 1, max_size]``, as :func:`export_program`) and returns
+    :data:`ONNX_OUTPUT_NAMES`: boxes ``[K, 4]`` float32, classes ``[K]`` int64, scores
+    ``[K]`` float32, as the model's ``Instances``. Standard ops of opset 19 (``DeformConv``
+    for aligned attention, ``Loop`` for the suppression): onnxruntime runs it.
+
+    Returns:
+        torch.onnx.ONNXProgram: the exported program (already saved).
+    """
+    if model.training:
+        raise ValueError("export_onnx: the model must be in eval mode (model.eval())")
+    if opset_version < 19:
+        raise ValueError(
+            f"export_onnx: HARNet's deformable convolution needs ONNX opset >= 19, got "
+            f"{opset_version}"
+        )
+    try:
+        import onnxscript  # noqa: F401  (torch.onnx's dynamo exporter needs it)
+    except ImportError as e:
+        raise ValueError(
+            "export_onnx: torch.onnx.export(dynamo=True) needs the onnxscript package "
+            "(pip install onnxscript)"
+        ) from e
+    program = _export_dynamic(OnnxDetector(model), image, max_size, "export_onnx")
+    with torch.no_grad():
+        onnx_program = torch.onnx.export(
+            program,
+            dynamo=True,
+            opset_version=opset_version,
+            input_names=["image"],
+            output_names=list(ONNX_OUTPUT_NAMES),
+            custom_translation_table={
+                torch.ops.torchvision.deform_conv2d.default: _onnx_deform_conv2d,
+                torch.ops.aten.sort.stable: _onnx_stable_sort,
+            },
+        )
+    onnx_program.save(path)
+    return onnx_program
+
+
+def _onnx_stable_sort(x, stable=None, dim=-1, descending=False):
+    """``torch.sort(x, dim, descending, stable=True)`` as ONNX ``TopK`` of all elements,
+    which the ONNX spec makes stable (equal values: the lower index first)."""
+    from onnxscript import opset19 as op
+
+    count = op.Gather(op.Shape(x), op.Constant(value_ints=[dim]))
+    values, indices = op.TopK(x, count, axis=dim, largest=1 if descending else 0, sorted=1)
+    return values, indices
+
+
+def _onnx_deform_conv2d(x, weight, offset, mask, bias, stride_h, stride_w, pad_h, pad_w,
+                        dil_h, dil_w, groups, offset_groups, use_mask):  # fmt: skip
+    """``torchvision::deform_conv2d`` as ONNX ``DeformConv`` (opset 19: the same offset
+    layout, (y, x) pairs per kernel tap; the mask input only when used)."""
+    from onnxscript import opset19 as op
+
+    inputs = [x, weight, offset, bias] + ([mask] if use_mask else [])
+    return op.DeformConv(
+        *inputs,
+        dilations=[dil_h, dil_w],
+        group=groups,
+        offset_group=offset_groups,
+        pads=[pad_h, pad_w, pad_h, pad_w],
+        strides=[stride_h, stride_w],
+    )
 
 
 class HeadOutputs(nn.Module):
@@ -304,16 +408,18 @@ class HeadOutputs(nn.Module):
 
 
 def onnx_output_names(num_levels: int) -> List[str]:
-    """Output names of :func:`export_onnx`'s graph: ``logits_0..``, ``deltas_0..``."""
+    """Output names of :func:`export_onnx_network`'s graph: ``logits_0..``, ``deltas_0..``."""
     return [f"logits_{i}" for i in range(num_levels)] + [f"deltas_{i}" for i in range(num_levels)]
 
 
-def export_onnx(model: nn.Module, image: Tensor, path: str, opset_version: int = 19) -> None:
+def export_onnx_network(
+    model: nn.Module, image: Tensor, path: str, opset_version: int = 19
+) -> None:
     """Exports :class:`HeadOutputs` of ``model`` to ONNX at ``path`` (input ``image``
     ``[3, height, width]``, dynamic height and width; outputs :func:`onnx_output_names`).
     Opset 19 has ``DeformConv`` (HARNet's aligned attention)."""
     if model.training:
-        raise ValueError("export_onnx: the model must be in eval mode (model.eval())")
+        raise ValueError("export_onnx_network: the model must be in eval mode (model.eval())")
     _register_deform_conv_symbolic(opset_version)
     network = HeadOutputs(model).eval()
     num_levels = len(model.head_in_features)

@@ -8,8 +8,10 @@
         MODEL.WEIGHTS model_final.pth
     python tools/export_model.py --config-file CFG.yaml --format export --output export/ \\
         MODEL.WEIGHTS model_final.pth
-    # the network only (image -> head outputs); post-processing is a separate step:
     python tools/export_model.py --config-file CFG.yaml --format onnx --output export/ \\
+        MODEL.WEIGHTS model_final.pth
+    # the network only (image -> head outputs); post-processing is a separate step:
+    python tools/export_model.py --config-file CFG.yaml --format onnx-network --output export/ \\
         MODEL.WEIGHTS model_final.pth
 
 Formats and files (see harnet/export.py for the contracts):
@@ -18,7 +20,11 @@ Formats and files (see harnet/export.py for the contracts):
   export       export/model.pt2  torch.export, dynamic height/width (each side >= the coarsest
                                  stride + 1, 129 px for P3-P7); `import harnet`, then
                                  torch.export.load(path).module()
-  onnx         export/model.onnx input "image" [3, H, W], outputs logits_i / deltas_i per level
+  onnx         export/model.onnx torch.onnx (dynamo), dynamic height/width (sides as for
+                                 export); onnxruntime, input "image", outputs boxes, classes,
+                                 scores
+  onnx-network export/network.onnx input "image" [3, H, W], outputs logits_i / deltas_i per
+                                 level (harnet.export.detections_from_head_outputs decodes)
 The whole-detector formats map an image Tensor[3, H, W] (the model's input format,
 cfg.INPUT.FORMAT, 0-255, already resized) to (boxes, classes, scores) in its pixels.
 
@@ -50,13 +56,14 @@ import harnet
 from harnet.export import (
     HeadOutputs,
     export_onnx,
+    export_onnx_network,
     export_program,
     export_scripting,
     export_torchscript,
 )
 
 FILES = {"torchscript": "model.ts", "scripting": "model.ts", "export": "model.pt2",
-         "onnx": "model.onnx"}  # fmt: skip
+         "onnx": "model.onnx", "onnx-network": "network.onnx"}  # fmt: skip
 
 
 def setup_cfg(args):
@@ -84,22 +91,24 @@ def sample_image(cfg, args) -> torch.Tensor:
 def load(path, fmt, device):
     """The exported model as ``fn(image) -> list of tensors`` (and ``want(model, image)``,
     the eager tensors it must match)."""
-    if fmt == "onnx":
+
+    def eager(model, image):
+        instances = model([{"image": image}])[0]["instances"]
+        return [instances.pred_boxes.tensor, instances.pred_classes, instances.scores]
+
+    if fmt.startswith("onnx"):
         import onnxruntime
 
         session = onnxruntime.InferenceSession(path)
         run = lambda image: [  # noqa: E731
             torch.from_numpy(o) for o in session.run(None, {"image": image.cpu().numpy()})
         ]
+        if fmt == "onnx":
+            return run, lambda model, image: [t.cpu() for t in eager(model, image)]
         return run, lambda model, image: [t.cpu() for t in HeadOutputs(model)(image)]
     exported = torch.export.load(path).module() if fmt == "export" else torch.jit.load(
         path, map_location=device
     )
-
-    def eager(model, image):
-        instances = model([{"image": image}])[0]["instances"]
-        return [instances.pred_boxes.tensor, instances.pred_classes, instances.scores]
-
     return lambda image: list(exported(image)), eager
 
 
@@ -144,8 +153,10 @@ def export(model, image, fmt, path):
         export_scripting(model, path)
     elif fmt == "export":
         export_program(model, image, path)
-    else:
+    elif fmt == "onnx":
         export_onnx(model, image, path)
+    else:
+        export_onnx_network(model, image, path)
 
 
 def main(argv=None):

@@ -83,8 +83,8 @@ def suppress_detections_loop(
 def _pow2_scale(boxes: Tensor) -> Tensor:
     """:func:`pow2_scale` for one tensor, from ``log2`` (ONNX has no ``frexp``): a power of
     two with ``|coordinate| * scale <= 1`` above 2^60, else 1 (IoUs unchanged bit for bit)."""
-    m = torch.cat([boxes.abs().flatten().to(torch.float64), boxes.new_zeros(1, dtype=torch.float64)])
-    m = m.max()
+    m = boxes.abs().flatten().to(torch.float64)
+    m = torch.cat([m, m.new_zeros(1)]).max()  # (0 for no boxes)
     scale = torch.exp2(-torch.ceil(torch.log2(m)) - 1)
     return torch.where(m > 2.0**60, scale, torch.ones_like(m))
 
@@ -281,10 +281,10 @@ def _unclaimed_top4_loop(kb, ks, cb, cs, overlap, remaining, start, top: int = _
         at = step.view(1)
         own_score = ks.index_select(0, at)
         weight_sum = own_score + s.sum()
-        weighted = kb.index_select(0, at)[0] * own_score + (cb_pad.index_select(0, best) * s[:, None]).sum(0)
+        own_box = kb.index_select(0, at)[0]
+        weighted = own_box * own_score + (cb_pad.index_select(0, best) * s[:, None]).sum(0)
         positive = weight_sum > 0
-        box = torch.where(positive, weighted / torch.where(positive, weight_sum, 1.0),
-                          kb.index_select(0, at)[0])
+        box = torch.where(positive, weighted / torch.where(positive, weight_sum, 1.0), own_box)
         at_step = rows == step
         voted = at_step & valid.any()
         out_boxes = torch.where(voted[:, None], box, out_boxes)

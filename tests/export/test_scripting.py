@@ -88,6 +88,20 @@ def test_scripting_leaves_the_model_as_it_was_and_needs_eval_mode():
         _script(model.train())
 
 
+def test_scripting_creates_no_module_while_torch_traverses_the_model():
+    """torch.jit.script memoises modules by id() while it calls __prepare_scriptable__, and
+    Detectron2's FPN / ResNet ones free modules on the way: a module created later could
+    take a freed id and resolve to another module (a head tower typed as the FPN). So the
+    model's copy arrives with its head prepared, and preparing it again creates nothing."""
+    model = _model()
+    prepared = model.__prepare_scriptable__()
+    head = prepared.head
+    assert "_scripting_cls_tower" in head._modules and "_scripting_bbox_tower" in head._modules
+    assert head.__prepare_scriptable__() is head
+    assert model.head.__prepare_scriptable__() is not model.head  # the eager head: a copy
+    assert "_scripting_cls_tower" not in model.head._modules
+
+
 def test_export_program_refuses_what_it_cannot_export(tmp_path):
     from harnet.export import export_program
 

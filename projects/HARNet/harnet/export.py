@@ -1,5 +1,5 @@
 """Export a HARRetinaNet for deployment: the whole detector as traced TorchScript, scripted
-TorchScript or a ``torch.export`` program; the network as ONNX.
+TorchScript, a ``torch.export`` program or ONNX; or the network alone as ONNX.
 
 TorchScript (:func:`export_torchscript`): the detector is traced with Detectron2's
 ``TracingAdapter`` (the convention of Detectron2's ``tools/deploy/export_model.py``). Tracing
@@ -13,14 +13,12 @@ resized, any H and W) and returns ``(boxes Tensor[K, 4], classes Tensor[K] int64
 scores Tensor[K])`` in the input image's pixels: Detectron2's flattened ``Instances``
 (fields in name order: pred_boxes, pred_classes, scores).
 
-Scripting (:func:`script_detector`) and ``torch.export`` (:func:`export_program`) give a
-module with the same contract: see their docs.
+Scripting (:func:`script_detector`), ``torch.export`` (:func:`export_program`) and ONNX
+(:func:`export_onnx`: standard ops, the suppression's greedy loops as ONNX ``Loop``) give
+a module with the same contract: see their docs.
 
-ONNX (:func:`export_onnx`): the network only, image to head outputs (normalisation, padding,
-backbone with aligned attention, head with CLGN / spatial / channel attention), with dynamic
-image height and width. ONNX has no loops of this kind for soft-NMS, so the post-processing
-is a separate step run by PyTorch on the network's outputs: :func:`detections_from_head_outputs`
-(anchors, RetinaNet's decoding, then ``suppress_detections``) gives the detector's detections.
+The network alone, image to head outputs, exports to ONNX with :func:`export_onnx_network`;
+:func:`detections_from_head_outputs` is then the post-processing step, run by PyTorch.
 """
 
 import contextlib

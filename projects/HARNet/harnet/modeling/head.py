@@ -218,7 +218,11 @@ class HARRetinaNetHead(RetinaNetHead):
 
     def __prepare_scriptable__(self) -> "HARRetinaNetHead":
         """What ``torch.jit.script`` compiles: a shallow copy holding each tower as one
-        module (shared weights; the original's parameter names are untouched)."""
+        module (shared weights; the original's parameter names are untouched). Idempotent:
+        a prepared copy returns itself, creating no module (see
+        :meth:`HARRetinaNet.__prepare_scriptable__`)."""
+        if "_scripting_cls_tower" in self._modules:
+            return self
         scripted = copy.copy(self)
         scripted._modules = dict(self._modules)
         scripted._scripting_cls_tower = self._tower(

@@ -360,6 +360,11 @@ class HARRetinaNet(RetinaNet):
         if self.training:
             raise ValueError("HARRetinaNet: script the model in eval mode (model.eval())")
         scripted = copy.deepcopy(self)
+        # The head's towers are created now, not during torch.jit.script's traversal: that
+        # memoises modules by id(), and Detectron2's FPN / ResNet __prepare_scriptable__
+        # (deep copies) free modules whose ids a module created later can reuse, which then
+        # resolves to the wrong module (seen: a head tower typed as the FPN).
+        scripted.head = scripted.head.__prepare_scriptable__()
         scripted._scripted_postprocess = suppression_args(**self.postprocess_params)
         return scripted
 

@@ -77,9 +77,7 @@ def test_non_finite_candidates_are_dropped_on_every_path():
     for options in OPTIONS:
         args = suppression_args(max_detections=100, **options)
         got = suppress_detections_loop(boxes, scores, classes, *args)
-        want = suppress_detections_scriptable(
-            boxes[finite], scores[finite], classes[finite], *args
-        )
+        want = suppress_detections_scriptable(boxes[finite], scores[finite], classes[finite], *args)
         _assert_equal(got, want, options)
 
 
@@ -93,7 +91,7 @@ class _Suppress(torch.nn.Module):
 
 
 @pytest.mark.parametrize(
-    "options", [OPTIONS[0], OPTIONS[5]], ids=["hard", "gaussian-unclaimed_top4"]
+    "options", [OPTIONS[0], OPTIONS[5], OPTIONS[6]], ids=["hard", "gaussian-caffe", "hard-max"]
 )
 def test_onnx_loops_give_the_eager_detections_on_other_sizes(options, tmp_path):
     pytest.importorskip("onnxscript")

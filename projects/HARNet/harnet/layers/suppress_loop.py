@@ -2,33 +2,39 @@
 whole-detector ONNX export runs (each loop becomes one ONNX ``Loop``; private).
 
 :func:`suppress_detections_loop` gives :func:`harnet.layers.postprocess.suppress_detections`'
-detections with one greedy step per kept box, all categories in one flat row:
+detections with the candidates laid out in rows, one per category (categories never
+interact), every row advancing at each step:
 
-- soft-NMS: each step keeps the live candidate ``i`` of highest score (lowest index among
-  ties) and decays the live ones of its category, ``s_j <- s_j * f(IoU(b_i, b_j))``
-  (Gaussian: ``log s_j -= IoU^2 / sigma``), dropping those below the minimum score. Each
-  category's steps are its own greedy steps, as categories never decay each other;
-- box voting: one step per kept box, in decreasing score order, with all candidates (the
-  authors' rule claims candidates in that order).
+- soft-NMS: each step, each row keeps its live candidate ``i`` of highest score (lowest
+  index among ties) and decays its other live ones, ``s_j <- s_j * f(IoU(b_i, b_j))``
+  (Gaussian: ``log s_j -= IoU^2 / sigma``), dropping those below the minimum score: as
+  many steps as the largest category keeps boxes, each O(N) for N candidates;
+- box voting: each step takes the next ``VOTING_BLOCK`` kept boxes of each row, in
+  decreasing score order (the authors' rule claims candidates in that order), against
+  their row's candidates.
 
-Every step costs O(N) for N candidates and runs in tensor ops only; the loops' state keeps
-its shape, as ``torch._higher_order_ops.while_loop`` requires. Scores and IoUs are computed
-as the PyTorch loop does (:mod:`._soft_nms_torch`); sums over voters may round differently.
+Tensor ops only; the loops' state keeps its shape, as ``torch._higher_order_ops.while_loop``
+requires. Scores and IoUs are computed as the PyTorch loop does (:mod:`._soft_nms_torch`):
+the same soft-NMS bit for bit; sums over voters may round differently.
 """
 
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 from torch._higher_order_ops import while_loop
 
-from ._box_ops import box_area, plane_iou
+from ._box_ops import plane_iou
 from ._soft_nms_torch import _decay
 from .box_voting import _TOP_NEIGHBOURS
 from .soft_nms import _by_decreasing_score
 
 __all__ = ["suppress_detections_loop"]
+
+# Kept boxes voted per loop step (each step compares them with their category's candidates
+# at once: fewer steps, each [categories, VOTING_BLOCK, candidates] large).
+VOTING_BLOCK = 16
 
 
 def suppress_detections_loop(
@@ -99,11 +105,51 @@ def _loop(cond, body, state):
     return state
 
 
-def _planes(boxes: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Coordinate planes and areas ``(x1, y1, x2, y2, area)`` of ``[N, 4]`` boxes: separate
-    tensors (a loop's captured tensors may not alias each other)."""
-    x1, y1, x2, y2 = (boxes[:, j].clone() for j in range(4))
-    return x1, y1, x2, y2, box_area(boxes)
+class _Rows:
+    """One row per category, its entries in index order from the left (a padded slot:
+    ``valid`` False): ``row``, ``col`` (Tensor[N] int64) of each entry, ``valid``
+    (Tensor[R, C] bool), ``width`` (the longest row's length, 0-d tensor). A row of one
+    dead slot more is always there (category -1, not an input's): a loop body is traced on
+    non-empty rows. ``row`` given: those rows (of ``num_rows``), not the categories'.
+    ``multiple``: ``C`` is a multiple of it, above the longest row's length."""
+
+    def __init__(self, idxs: Tensor, row: Optional[Tensor] = None, num_rows=None, multiple=1):
+        if row is None:
+            idxs = torch.cat([idxs.new_full((1,), -1), idxs])  # the extra row's slot
+            _, row, _ = torch.unique(idxs, sorted=True, return_inverse=True, return_counts=True)
+            num_rows, first = None, 1
+        else:
+            first = 0
+        counts = torch.bincount(row, minlength=1)
+        by_row = torch.sort(row, stable=True)[1]  # entries by row, index order within
+        firsts = torch.cumsum(counts, 0) - counts
+        col = torch.empty_like(row).index_copy_(
+            0, by_row, torch.arange(row.shape[0], device=row.device) - firsts[row[by_row]]
+        )
+        self.row, self.col = row[first:], col[first:]
+        self.width = counts.max()  # as a tensor too: a loop's condition compares with it
+        # At least one slot more (a multiple of `multiple`): never empty, so that the
+        # exported sizes (data-dependent) and strides of a loop's state are plain symbols.
+        width = ((self.width // multiple + 1) * multiple).item()
+        torch._check(width >= 1)
+        self.shape = (counts.shape[0] if num_rows is None else num_rows, width)
+        self.valid = self.scatter(torch.ones_like(self.row, dtype=torch.bool), False)
+
+    def scatter(self, values: Tensor, fill) -> Tensor:
+        """``values`` (Tensor[N, ...]) in rows: Tensor[R, C, ...], ``fill`` elsewhere."""
+        out = values.new_full(self.shape + tuple(values.shape[1:]), fill)
+        return out.index_put((self.row, self.col), values)
+
+    def planes(self, boxes: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """``(x1, y1, x2, y2, area)`` planes Tensor[R, C] of ``[N, 4]`` boxes (0 in padded
+        slots): separate tensors, as a loop's captured tensors may not alias each other."""
+        x1, y1, x2, y2 = (self.scatter(boxes[:, j], 0.0) for j in range(4))
+        return x1, y1, x2, y2, (x2 - x1) * (y2 - y1)
+
+
+def _picked(planes: Tuple[Tensor, ...], column: Tensor) -> Tuple[Tensor, ...]:
+    """The planes at each row's ``column`` (Tensor[R, 1]): each Tensor[R, 1]."""
+    return tuple(p.gather(1, column) for p in planes)
 
 
 def greedy_soft_nms_loop(
@@ -116,7 +162,9 @@ def greedy_soft_nms_loop(
     iou_threshold: float,
     score_threshold: float,
 ) -> Tuple[Tensor, Tensor]:
-    """The greedy (soft-)NMS steps over the ``candidates`` (bool mask) of all categories.
+    """The greedy (soft-)NMS steps over the ``candidates`` (bool mask), every category at
+    once: each step, each row keeps its live box of highest score (the lowest index among
+    ties) and decays the rest of its row.
 
     Args:
         boxes (Tensor[N, 4]), scores (Tensor[N]) of one float dtype, rescaled (finite
@@ -134,20 +182,16 @@ def greedy_soft_nms_loop(
     zero = (scores == 0) & candidates if log_space and score_threshold <= 0 else None
     if zero is not None:
         candidates = candidates & ~zero
-    # One dead slot more (never picked): argmax is traced on a non-empty row.
-    n = scores.shape[0]
-    boxes = torch.cat([boxes, boxes.new_zeros(1, 4)])
-    idxs = torch.cat([idxs, idxs.new_full((1,), -1)])
-    candidates = torch.cat([candidates, candidates.new_zeros(1)])
-    scores = torch.cat([scores, scores.new_ones(1)])
-    neg_inf = torch.full_like(scores, float("-inf"))
-    start = torch.where(candidates, torch.log(scores) if log_space else scores, neg_inf)
     if log_space:
         threshold = math.log(score_threshold) if score_threshold > 0 else float("-inf")
     else:
         threshold = score_threshold
-    x1, y1, x2, y2, area = _planes(boxes)
-    positions = torch.arange(scores.shape[0], device=scores.device)
+    rows = _Rows(idxs)
+    start = torch.where(candidates, torch.log(scores) if log_space else scores, float("-inf"))
+    start = rows.scatter(start, float("-inf"))
+    index = rows.scatter(torch.arange(scores.shape[0], device=scores.device), -1)
+    planes = rows.planes(boxes)
+    columns = torch.arange(rows.shape[1], device=scores.device)
     inv_sigma = 1.0 / sigma
     zero_weight_drops = not log_space and score_threshold <= 0
 
@@ -155,26 +199,25 @@ def greedy_soft_nms_loop(
         return (s > float("-inf")).any()
 
     def pick(step, s, keep, kept):
-        i = s.argmax(dim=0, keepdim=True)  # the first maximum: the lowest index
-        at_step = positions == step
-        keep = torch.where(at_step, i, keep)
-        kept = torch.where(at_step, s.index_select(0, i), kept)
-        iou = plane_iou(x1, y1, x2, y2, area, x1.index_select(0, i), y1.index_select(0, i),
-                        x2.index_select(0, i), y2.index_select(0, i), area.index_select(0, i))
+        # argmax: the first maximum, the lowest index (a finished row picks a dead slot).
+        i = s.argmax(dim=1, keepdim=True)
+        best = s.gather(1, i)
+        at_step = (columns == step)[None]
+        keep = torch.where(at_step & (best > float("-inf")), index.gather(1, i), keep)
+        kept = torch.where(at_step, best, kept)
+        iou = plane_iou(*planes, *_picked(planes, i))
         decay = _decay(iou, method, inv_sigma, iou_threshold)
         decayed = s - decay if log_space else s * decay
         alive = decayed >= threshold
         if zero_weight_drops:  # else the threshold test drops zero weights
             alive = alive & (decay != 0)
-        same = idxs == idxs.index_select(0, i)
-        s = torch.where(same, torch.where(alive, decayed, neg_inf), s)
-        s = torch.where(positions == i, neg_inf, s)
+        s = torch.where(alive & (columns[None] != i), decayed, float("-inf"))
         return step + 1, s, keep, kept
 
-    state = (positions.new_zeros(()), start, torch.full_like(positions, -1), neg_inf.clone())
+    state = (columns.new_zeros(()), start, torch.full_like(index, -1), torch.full_like(start, 0.0))
     _, _, keep, kept = _loop(live, pick, state)
     picked = keep >= 0
-    keep, kept, scores = keep[picked], kept[picked], scores[:n]
+    keep, kept = keep[picked], kept[picked]
     if log_space:
         # exp(log(s)) can round one step above s: a decay must never raise a score.
         kept = torch.minimum(torch.exp(kept), scores[keep])
@@ -193,9 +236,11 @@ def box_voting_loop(
     candidate_idxs: Tensor,
     iou_threshold: float,
     scoring: str,
+    block: int = VOTING_BLOCK,
 ) -> Tuple[Tensor, Tensor]:
-    """:func:`batched_box_voting_scriptable` (``scoring`` canonical), one step per kept box
-    in input order: its same-category candidates at IoU >= ``iou_threshold`` vote.
+    """:func:`batched_box_voting_scriptable` (``scoring`` canonical), every category at
+    once: step ``t`` takes each category's kept boxes ``t * block ..`` (input order) and
+    their candidates at IoU >= ``iou_threshold``.
 
     Returns:
         boxes (Tensor[K, 4]), scores (Tensor[K]): voted, in input order, dtypes kept; a kept
@@ -205,93 +250,112 @@ def box_voting_loop(
     scale = _pow2_scale(torch.cat([boxes, candidate_boxes])).to(dtype)
     kb, cb = boxes.to(dtype) * scale, candidate_boxes.to(dtype) * scale
     ks, cs = scores.to(dtype), candidate_scores.to(dtype)
-    k_planes, c_planes = _planes(kb), _planes(cb)
-    rows = torch.arange(kb.shape[0], device=kb.device)
+    # Kept boxes and candidates in the same rows (one per category): categories numbered
+    # over both, then each side's columns.
+    k = kb.shape[0]
+    both = _Rows(torch.cat([idxs, candidate_idxs]))
+    num_rows = both.shape[0]
+    kept = _Rows(idxs, both.row[:k], num_rows, multiple=block)
+    cand = _Rows(candidate_idxs, both.row[k:], num_rows)
+    k_planes, c_planes = kept.planes(kb), cand.planes(cb)
+    k_scores, c_scores = kept.scatter(ks, 0.0), cand.scatter(cs, 0.0)
+    c_boxes = cand.scatter(cb, 0.0)  # [R, Cc, 4]
+    offsets = torch.arange(block, device=kb.device)[None].expand(num_rows, block)
 
-    def overlap(step: Tensor) -> Tuple[Tensor, Tensor]:
-        """The kept box ``step``'s same-category candidates at IoU >= threshold, and IoUs."""
-        at = step.view(1)
-        iou = plane_iou(*c_planes, *(p.index_select(0, at) for p in k_planes))
-        same = candidate_idxs == idxs.index_select(0, at)
-        return same & (iou >= iou_threshold), iou
+    def overlap(step: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """Each row's kept boxes of block ``step`` (columns ``at``, Tensor[R, B]) against
+        its candidates: overlapping at IoU >= threshold (Tensor[R, B, Cc] bool), IoUs."""
+        at = offsets + step * block
+        picked = [p.gather(1, at)[:, :, None] for p in k_planes]
+        iou = plane_iou(*(p[:, None, :] for p in c_planes), *picked)
+        has_box = kept.valid.gather(1, at)
+        over = cand.valid[:, None, :] & has_box[:, :, None] & (iou >= iou_threshold)
+        return over, iou, at
 
     def remaining(step, *state):
-        return step < kb.shape[0]
+        return step * block < kept.width
 
-    start = (rows.new_zeros(()), kb.clone(), ks.clone(), torch.zeros_like(ks, dtype=torch.bool))
+    zero = offsets.new_zeros(())
     if scoring == "unclaimed_top4":
-        voted, voted_scores, has = _unclaimed_top4_loop(
-            kb, ks, cb, cs, overlap, remaining, start
+        voted, voted_scores, has = _unclaimed_top4_voting(
+            k_planes, k_scores, c_boxes, c_scores, overlap, remaining, zero
         )
     else:
 
         def vote(step, out_boxes, out_scores, has):
-            over, _ = overlap(step)
-            w = torch.where(over, cs, torch.zeros_like(cs))
-            weight_sum = w.sum()
+            over, _, at = overlap(step)
+            w = torch.where(over, c_scores[:, None, :], 0.0)  # [R, B, Cc]
+            weight_sum = w.sum(dim=2)
             positive = weight_sum > 0
-            box = (cb * w[:, None]).sum(0) / torch.where(positive, weight_sum, 1.0)
+            box = torch.matmul(w, c_boxes) / torch.where(positive, weight_sum, 1.0)[:, :, None]
             if scoring == "max":
-                # The voters' best, or 0 (as amax from 0; a non-empty max when traced).
-                score = torch.cat([w, w.new_zeros(1)]).max()
+                score = w.max(dim=2)[0]  # as amax from 0
             elif scoring == "avg":
-                score = weight_sum / over.sum().clamp(min=1).to(cs.dtype)
+                score = weight_sum / over.sum(dim=2).clamp(min=1).to(cs.dtype)
             else:  # "keep"
-                score = ks.index_select(0, step.view(1))[0]
-            at_step = rows == step
-            out_boxes = torch.where(at_step[:, None] & positive, box, out_boxes)
-            out_scores = torch.where(at_step & positive, score, out_scores)
-            return step + 1, out_boxes, out_scores, has | (at_step & positive)
+                score = k_scores.gather(1, at)
+            old_box = out_boxes.gather(1, at[:, :, None].expand(-1, -1, 4))
+            box = torch.where(positive[:, :, None], box, old_box)
+            score = torch.where(positive, score, out_scores.gather(1, at))
+            out_boxes = out_boxes.scatter(1, at[:, :, None].expand(-1, -1, 4), box)
+            return (
+                step + 1,
+                out_boxes,
+                out_scores.scatter(1, at, score),
+                has.scatter(1, at, positive),
+            )
 
+        start = (zero, kept.scatter(kb, 0.0), k_scores.clone(),
+                 torch.zeros_like(kept.valid))  # fmt: skip
         _, voted, voted_scores, has = _loop(remaining, vote, start)
+    voted, voted_scores = voted[kept.row, kept.col], voted_scores[kept.row, kept.col]
+    has = has[kept.row, kept.col]
     voted = torch.where(has[:, None], (voted / scale).to(boxes.dtype), boxes)
     return voted, torch.where(has, voted_scores.to(scores.dtype), scores)
 
 
-def _unclaimed_top4_loop(kb, ks, cb, cs, overlap, remaining, start, top: int = _TOP_NEIGHBOURS):
+def _unclaimed_top4_voting(
+    k_planes, k_scores, c_boxes, c_scores, overlap, remaining, zero,
+    top: int = _TOP_NEIGHBOURS,
+):  # fmt: skip
     """The authors' rule (see :func:`harnet.layers.box_voting.box_voting`): each kept box in
-    turn claims its unclaimed overlapping candidates (copies of kept boxes, IoU 1, never
-    vote); the best ``top`` of them, by score then index, vote with the kept box."""
-    n = cb.shape[0]
+    turn claims its row's unclaimed overlapping candidates (copies of kept boxes, IoU 1,
+    never vote); the best ``top`` of them, by score then index, vote with the kept box.
+    The loop finds each candidate's owner; the votes are then counted all at once."""
 
-    def mark_copies(step, is_copy):
-        over, iou = overlap(step)
-        return step + 1, is_copy | (over & (iou == 1))
+    def claim(step, owner, is_copy):
+        over, iou, at = overlap(step)
+        # The block's first kept box (input order) that overlaps the candidate.
+        first = at.gather(1, over.to(torch.int8).argmax(dim=1))  # [R, Cc]
+        owner = torch.where(over.any(dim=1) & (owner < 0), first, owner)
+        return step + 1, owner, is_copy | (over & (iou == 1)).any(dim=1)
 
-    _, is_copy = _loop(
-        remaining, mark_copies, (start[0], torch.zeros_like(cs, dtype=torch.bool))
+    owner = torch.full_like(c_scores, -1, dtype=torch.int64)
+    _, owner, is_copy = _loop(remaining, claim, (zero, owner, torch.zeros_like(owner).bool()))
+    voters = (owner >= 0) & ~is_copy
+    # Each row's voters by (owner, decreasing score, lower index: columns keep index
+    # order): rank is a candidate's place by score in its row.
+    rows, cols = c_scores.shape
+    order = torch.sort(c_scores, dim=1, descending=True, stable=True)[1]
+    place = torch.arange(cols, device=order.device).expand_as(order).contiguous()
+    rank = torch.empty_like(order).scatter_(1, order, place)
+    key = torch.where(voters, owner * (cols + 1) + rank, (k_scores.shape[1] + 1) * (cols + 1))
+    by_owner = torch.sort(key, dim=1)[1]
+    voter = voters.gather(1, by_owner)
+    owner = torch.where(voter, owner.gather(1, by_owner), 0)
+    counts = torch.zeros_like(k_scores, dtype=torch.int64).scatter_add_(1, owner, voter.long())
+    firsts = torch.cumsum(counts, dim=1) - counts
+    best = voter & (place - firsts.gather(1, owner) < top)  # each owner's best `top`
+    s = torch.where(best, c_scores.gather(1, by_owner), 0.0)
+    # Summed from the kept box's own score and box, in the voters' order (as eagerly).
+    weight_sum = k_scores.scatter_add(1, owner, s)
+    k_boxes = torch.stack(k_planes[:4], dim=2)
+    voter_boxes = c_boxes.gather(1, by_owner[:, :, None].expand(-1, -1, 4)) * s[:, :, None]
+    weighted = (k_boxes * k_scores[:, :, None]).scatter_add(
+        1, owner[:, :, None].expand(-1, -1, 4), voter_boxes
     )
-    # rank[j]: j's place by decreasing score, ties by lower index; n marks "no voter".
-    order = torch.sort(cs, descending=True, stable=True)[1]
-    rank = torch.empty_like(order).index_copy_(0, order, torch.arange(n, device=cs.device))
-    # "No voter" ranks, as tensors: a loop body cannot take the symbolic size n as a number.
-    unranked = torch.full_like(rank, n)
-    no_voter = torch.full((top,), n, dtype=rank.dtype, device=rank.device)
-    cs_pad = torch.cat([cs, cs.new_zeros(top)])
-    cb_pad = torch.cat([cb, cb.new_zeros(top, 4)])
-    rows = torch.arange(kb.shape[0], device=kb.device)
-
-    def claim(step, out_boxes, out_scores, has, claimed):
-        over, _ = overlap(step)
-        voters = over & ~claimed & ~is_copy
-        ranks = torch.cat([torch.where(voters, rank, unranked), no_voter])
-        best_rank, best = torch.topk(ranks, top, largest=False)
-        valid = best_rank < no_voter
-        s = torch.where(valid, cs_pad.index_select(0, best), torch.zeros_like(best, dtype=cs.dtype))
-        at = step.view(1)
-        own_score = ks.index_select(0, at)
-        weight_sum = own_score + s.sum()
-        own_box = kb.index_select(0, at)[0]
-        weighted = own_box * own_score + (cb_pad.index_select(0, best) * s[:, None]).sum(0)
-        positive = weight_sum > 0
-        box = torch.where(positive, weighted / torch.where(positive, weight_sum, 1.0), own_box)
-        at_step = rows == step
-        voted = at_step & valid.any()
-        out_boxes = torch.where(voted[:, None], box, out_boxes)
-        out_scores = torch.where(voted, weight_sum / (top + 1), out_scores)
-        return step + 1, out_boxes, out_scores, has | voted, claimed | (over & ~claimed)
-
-    _, voted, voted_scores, has, _ = _loop(
-        remaining, claim, (*start, torch.zeros_like(cs, dtype=torch.bool))
-    )
-    return voted, voted_scores, has
+    has = torch.zeros_like(k_scores).scatter_add_(1, owner, best.to(s.dtype)) > 0
+    positive = weight_sum > 0
+    safe = torch.where(positive, weight_sum, 1.0)
+    voted = torch.where(positive[:, :, None], weighted / safe[:, :, None], k_boxes)
+    return voted, weight_sum / (top + 1), has

@@ -102,16 +102,23 @@ def test_scripting_creates_no_module_while_torch_traverses_the_model():
     assert "_scripting_cls_tower" not in model.head._modules
 
 
-def test_export_program_refuses_what_it_cannot_export(tmp_path):
-    from harnet.export import export_program
+@pytest.mark.parametrize("fmt", ["export", "onnx"])
+def test_export_program_and_onnx_refuse_what_they_cannot_export(fmt, tmp_path):
+    from harnet.export import export_onnx, export_program
 
+    export, path = (export_program, tmp_path / "m.pt2") if fmt == "export" else (
+        export_onnx, tmp_path / "m.onnx")  # fmt: skip
     model = _model()
     with pytest.raises(ValueError, match=r"\(96, 128\).*\[129, 4096\]"):
-        export_program(model, torch.rand(3, 96, 128) * 255, str(tmp_path / "m.pt2"))
+        export(model, torch.rand(3, 96, 128) * 255, str(path))
     with pytest.raises(ValueError, match="CANDIDATES.MODE"):
-        export_program(_model(candidates="authors"), torch.rand(3, 160, 192) * 255,
-                       str(tmp_path / "m.pt2"))  # fmt: skip
-    assert not (tmp_path / "m.pt2").exists()
+        export(_model(candidates="authors"), torch.rand(3, 160, 192) * 255, str(path))
+    if fmt == "onnx":
+        with pytest.raises(ValueError, match="opset >= 19"):
+            export_onnx(model, torch.rand(3, 160, 192) * 255, str(path), opset_version=17)
+    with pytest.raises(ValueError, match="eval mode"):
+        export(_model().train(), torch.rand(3, 160, 192) * 255, str(path))
+    assert not path.exists()
 
 
 def test_export_tool_says_which_format_and_option_cannot_export(tmp_path):

@@ -190,11 +190,11 @@ class ExportableDetector(nn.Module):
 
         if getattr(model, "candidate_mode", "detectron2") != "detectron2":
             raise ValueError(
-                "export_program: MODEL.HARNET.CANDIDATES.MODE 'authors' does not export "
+                "torch.export / ONNX: MODEL.HARNET.CANDIDATES.MODE 'authors' does not export "
                 "(it needs each image's original size); use 'detectron2', or --format scripting"
             )
         if getattr(model.backbone, "padding_constraints", {}).get("square_size", 0):
-            raise ValueError("export_program: square padding (square_size) does not export")
+            raise ValueError("torch.export / ONNX: square padding (square_size) does not export")
         self.model = model
         self.suppression = suppression_args(**model.postprocess_params)
         # Tied scores keep Detectron2's order only with its own selection op.

@@ -298,26 +298,34 @@ class HARRetinaNet(RetinaNet):
             width = batched_inputs[i].get("width", image_size[1])
             scores = [x[i].sigmoid() for x in pred_logits]
             deltas = [x[i] for x in pred_deltas]
-            if self.candidate_mode == "authors":
-                # MIN_SIZE original-image pixels at this image's resize scale, per axis.
-                min_size = (
-                    self.candidate_min_size * image_size[1] / width,
-                    self.candidate_min_size * image_size[0] / height,
-                )
-                candidates = self._authors_candidates(anchors, scores, deltas, image_size, min_size)
-            else:
-                candidates = self._decode_multi_level_predictions(
-                    anchors,
-                    scores,
-                    deltas,
-                    self.test_score_thresh,
-                    self.test_topk_candidates,
-                    image_size,
-                )
+            candidates = self._image_candidates(anchors, scores, deltas, image_size, height, width)
             if do_postprocess:
                 candidates = detector_postprocess(candidates, height, width)
             results.append(candidates)
         return results
+
+    def _image_candidates(
+        self,
+        anchors: List[Boxes],
+        scores: List[Tensor],
+        deltas: List[Tensor],
+        image_size: Tuple[int, int],
+        height: int,
+        width: int,
+    ) -> Instances:
+        """One image's candidates (see :meth:`forward_candidates`); ``height``/``width``:
+        its output size, which the authors' minimum box size is measured in."""
+        if self.candidate_mode == "authors":
+            # MIN_SIZE original-image pixels at this image's resize scale, per axis.
+            min_size = (
+                self.candidate_min_size * image_size[1] / width,
+                self.candidate_min_size * image_size[0] / height,
+            )
+            return self._authors_candidates(anchors, scores, deltas, image_size, min_size)
+        return self._decode_multi_level_predictions(
+            anchors, scores, deltas, self.test_score_thresh, self.test_topk_candidates,
+            image_size,
+        )  # fmt: skip
 
     def _authors_candidates(
         self,
@@ -385,17 +393,7 @@ class HARRetinaNet(RetinaNet):
             width = int(inp["width"]) if "width" in inp else image_size[1]
             scores = [x[i].sigmoid() for x in pred_logits]
             deltas = [x[i] for x in pred_deltas]
-            if self.candidate_mode == "authors":
-                min_size = (
-                    self.candidate_min_size * image_size[1] / width,
-                    self.candidate_min_size * image_size[0] / height,
-                )
-                candidates = self._authors_candidates(anchors, scores, deltas, image_size, min_size)
-            else:
-                candidates = self._decode_multi_level_predictions(
-                    anchors, scores, deltas, self.test_score_thresh, self.test_topk_candidates,
-                    image_size,
-                )  # fmt: skip
+            candidates = self._image_candidates(anchors, scores, deltas, image_size, height, width)
             pp = self._scripted_postprocess
             boxes, kept_scores, classes = suppress_detections_scriptable(
                 candidates.pred_boxes.tensor, candidates.scores, candidates.pred_classes,

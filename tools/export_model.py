@@ -17,8 +17,9 @@
 Formats and files (see harnet/export.py for the contracts):
   torchscript  export/model.ts   traced (Detectron2's TracingAdapter); torch.jit.load
   scripting    export/model.ts   scripted (Detectron2's scripting_with_instances); torch.jit.load
-  export       export/model.pt2  torch.export, dynamic height/width (each side >= the coarsest
-                                 stride + 1, 129 px for P3-P7); `import harnet`, then
+  export       export/model.pt2  torch.export, dynamic height/width (sides >= 2 px, the longer
+                                 >= the coarsest stride + 1, 129 px for P3-P7); `import harnet`,
+                                 then
                                  torch.export.load(path).module()
   onnx         export/model.onnx torch.onnx (dynamo), dynamic height/width (sides as for
                                  export); onnxruntime, input "image", outputs boxes, classes,

@@ -246,12 +246,13 @@ class ExportableDetector(nn.Module):
 
 def _grid_anchors(feature: Tensor, stride: int, cell: Tensor, offset: float) -> Tensor:
     """Detectron2's ``DefaultAnchorGenerator`` anchors of one level (``(y, x, cell)``
-    order, ``(i + offset) * stride`` centres), from integer grids."""
+    order, ``(i + offset) * stride`` centres), from integer grids. The grids are added to
+    zeros, not expanded (a meshgrid's expanded views need a size-1 test to flatten)."""
     h, w = feature.shape[-2], feature.shape[-1]
     xs = (torch.arange(w, device=feature.device, dtype=torch.float32) + offset) * stride
     ys = (torch.arange(h, device=feature.device, dtype=torch.float32) + offset) * stride
-    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
-    grid_x, grid_y = grid_x.reshape(-1), grid_y.reshape(-1)
+    grid_x = (xs[None, :] + xs.new_zeros(h, 1)).reshape(-1)
+    grid_y = (ys[:, None] + ys.new_zeros(1, w)).reshape(-1)
     shifts = torch.stack((grid_x, grid_y, grid_x, grid_y), dim=1)
     return (shifts.view(-1, 1, 4) + cell.view(1, -1, 4)).reshape(-1, 4)
 
@@ -272,21 +273,25 @@ class OnnxDetector(ExportableDetector):
 def _export_dynamic(
     module: ExportableDetector, image: Tensor, max_size: int, caller: str
 ) -> "torch.export.ExportedProgram":
-    """``torch.export`` of ``module`` on ``image`` with dynamic height and width, each in
-    ``[coarsest stride + 1, max_size]``."""
+    """``torch.export`` of ``module`` on ``image`` with dynamic height and width: sides in
+    ``[2, max_size]``, the longer one at least the coarsest stride + 1 (129 px for P3-P7).
+    Below that the coarsest level has one location, on which convolution tests its memory
+    format (a guard of the program)."""
     import torch.fx.experimental._config as fx_config
 
     model = module.model
     if model.training:
         raise ValueError(f"{caller}: the model must be in eval mode (model.eval())")
-    min_size = max(int(s) for s in model.anchor_generator.strides) + 1
-    if min(image.shape[1:]) < min_size or max(image.shape[1:]) > max_size:
+    longer = max(int(s) for s in model.anchor_generator.strides) + 1
+    if min(image.shape[1:]) < 2 or max(image.shape[1:]) > max_size or (
+        max(image.shape[1:]) < longer
+    ):
         raise ValueError(
-            f"{caller}: the example image is {tuple(image.shape[1:])}; its sides must "
-            f"be in [{min_size}, {max_size}] (the exported program's range)"
+            f"{caller}: the example image is {tuple(image.shape[1:])}; its sides must be in "
+            f"[2, {max_size}] and the longer one >= {longer} (the exported program's range)"
         )
-    height = torch.export.Dim("height", min=min_size, max=max_size)
-    width = torch.export.Dim("width", min=min_size, max=max_size)
+    height = torch.export.Dim("height", min=2, max=max_size)
+    width = torch.export.Dim("width", min=2, max=max_size)
     # Size-oblivious guards: a broadcast's size-1 test does not specialise the graph.
     with torch.no_grad(), fx_config.patch(backed_size_oblivious=True):
         return torch.export.export(
@@ -301,9 +306,9 @@ def export_program(
     height and width) and saves it to ``path`` (``.pt2``). Load it with ``import harnet``
     (registers the suppression op) and ``torch.export.load(path).module()``.
 
-    Each side must lie in ``[coarsest stride + 1, max_size]`` (129 px for P3-P7): the
-    exported graph assumes no feature level has a side of 1 (that case would specialise
-    it). ``image`` (``Tensor[3, H, W]`` in that range) is the example.
+    Sides must lie in ``[2, max_size]``, the longer one at least the coarsest stride + 1
+    (129 px for P3-P7; the program checks it). ``image`` (``Tensor[3, H, W]`` in that
+    range) is the example.
     """
     if model.training:
         raise ValueError("export_program: the model must be in eval mode (model.eval())")
@@ -321,8 +326,8 @@ def export_onnx(
     """Exports the whole detector, :class:`OnnxDetector` of ``model``, to ONNX at ``path``
     with ``torch.onnx.export(..., dynamo=True)`` (needs the ``onnxscript`` package).
 
-    The graph takes ``image`` ``[3, height, width]`` (dynamic, each side in
-    ``[coarsest stride + 1, max_size]``, as :func:`export_program`) and returns
+    The graph takes ``image`` ``[3, height, width]`` (dynamic, sizes as for
+    :func:`export_program`, which onnxruntime does not check) and returns
     :data:`ONNX_OUTPUT_NAMES`: boxes ``[K, 4]`` float32, classes ``[K]`` int64, scores
     ``[K]`` float32, as the model's ``Instances``. Standard ops of opset 19 (``DeformConv``
     for aligned attention, ``Loop`` for the suppression): onnxruntime runs it.

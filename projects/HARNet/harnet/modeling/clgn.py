@@ -102,7 +102,7 @@ class CrossLevelGroupNorm(nn.Module):
         out = F.group_norm(
             torch.cat(flat, dim=2), self.num_groups, self.weight, self.bias, self.eps
         )
-        return [o.reshape(f.shape) for o, f in zip(out.split(sizes, dim=2), features)]
+        return [o.view(f.shape) for o, f in zip(out.split(sizes, dim=2), features)]
 
     def extra_repr(self) -> str:
         return "{num_groups}, {num_channels}, eps={eps}, affine={affine}".format(**self.__dict__)

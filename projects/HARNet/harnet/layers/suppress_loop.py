@@ -116,7 +116,7 @@ class _Rows:
     def __init__(self, idxs: Tensor, row: Optional[Tensor] = None, num_rows=None, multiple=1):
         if row is None:
             idxs = torch.cat([idxs.new_full((1,), -1), idxs])  # the extra row's slot
-            _, row, _ = torch.unique(idxs, sorted=True, return_inverse=True, return_counts=True)
+            row = torch.unique(idxs, sorted=True, return_inverse=True)[1]
             num_rows, first = None, 1
         else:
             first = 0

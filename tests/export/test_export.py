@@ -100,7 +100,8 @@ def exported(tmp_path_factory):
     # --no-check: the comparison is this test's, in a fresh process.
     common = ["--no-check", "--config-file", str(out / "config.yaml")]
     names, commands = [], []
-    for fmt, variant in EXPORTS + [("onnx-network", "")]:
+    # The slowest first (ONNX's conversion), so that both workers stay busy to the end.
+    for fmt, variant in sorted(EXPORTS, key=lambda e: e[0] != "onnx") + [("onnx-network", "")]:
         name = f"{fmt}_{variant}" if variant else fmt
         names.append(name)
         size = EXPORT_SIZE if fmt in DYNAMIC else TRACE_SIZE

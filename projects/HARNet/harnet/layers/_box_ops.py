@@ -79,12 +79,11 @@ def pow2_scale(boxes: List[Tensor]) -> Tensor:
     originals bit for bit. Coordinates beyond ~1e19 would otherwise give infinite areas,
     NaN IoUs and weights outside [0, 1].
     """
-    m = torch.zeros((), dtype=torch.float64, device=boxes[0].device)
-    for b in boxes:
-        if b.numel() > 0:
-            m = torch.maximum(m, b.abs().max().to(torch.float64))
-    exponent = torch.frexp(m)[1]  # m = mantissa * 2^exponent, mantissa in [0.5, 1)
-    scale = torch.ldexp(torch.ones_like(m), -exponent)
+    # (No test of sizes and no frexp: the same ops export, e.g. to ONNX.)
+    flat = [b.abs().flatten().to(torch.float64) for b in boxes]
+    m = torch.cat(flat + [flat[0].new_zeros(1)]).max()  # 0 for no boxes
+    # Any power of two keeps IoUs; this one makes |coordinate| * scale <= 1/2.
+    scale = torch.exp2(-torch.ceil(torch.log2(m)) - 1)
     return torch.where(m > 2.0**60, scale, torch.ones_like(m))
 
 

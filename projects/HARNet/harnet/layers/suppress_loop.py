@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torch._higher_order_ops import while_loop
 
-from ._box_ops import plane_iou
+from ._box_ops import plane_iou, pow2_scale
 from ._soft_nms_torch import _decay
 from .box_voting import _TOP_NEIGHBOURS
 from .soft_nms import _by_decreasing_score
@@ -64,7 +64,7 @@ def suppress_detections_loop(
     finite = torch.isfinite(scores) & torch.isfinite(boxes).all(dim=1)
     boxes, scores, classes = boxes[finite], scores[finite], classes[finite]
     dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
-    scaled = boxes.to(dtype) * _pow2_scale(boxes).to(dtype)
+    scaled = boxes.to(dtype) * pow2_scale([boxes]).to(dtype)
     if nms_type == "hard":
         candidates = torch.ones_like(scores, dtype=torch.bool)
     else:
@@ -84,15 +84,6 @@ def suppress_detections_loop(
         kept_boxes, kept_scores, kept_classes, voting and voting_scoring != "keep",
         max_detections, min_score,
     )  # fmt: skip
-
-
-def _pow2_scale(boxes: Tensor) -> Tensor:
-    """:func:`pow2_scale` for one tensor, from ``log2`` (ONNX has no ``frexp``): a power of
-    two with ``|coordinate| * scale <= 1`` above 2^60, else 1 (IoUs unchanged bit for bit)."""
-    m = boxes.abs().flatten().to(torch.float64)
-    m = torch.cat([m, m.new_zeros(1)]).max()  # (0 for no boxes)
-    scale = torch.exp2(-torch.ceil(torch.log2(m)) - 1)
-    return torch.where(m > 2.0**60, scale, torch.ones_like(m))
 
 
 def _loop(cond, body, state):
@@ -247,7 +238,7 @@ def box_voting_loop(
         box without voters keeps its box and score.
     """
     dtype = torch.float64 if boxes.dtype == torch.float64 else torch.float32
-    scale = _pow2_scale(torch.cat([boxes, candidate_boxes])).to(dtype)
+    scale = pow2_scale([boxes, candidate_boxes]).to(dtype)
     kb, cb = boxes.to(dtype) * scale, candidate_boxes.to(dtype) * scale
     ks, cs = scores.to(dtype), candidate_scores.to(dtype)
     # Kept boxes and candidates in the same rows (one per category): categories numbered

@@ -171,14 +171,21 @@ def _assert_same_detections_up_to_ties(got, instances):
     want = (instances.pred_boxes.tensor, instances.pred_classes, instances.scores)
     assert len(boxes) == len(want[0]) > 10
     torch.testing.assert_close(scores, want[2], rtol=0, atol=1e-3)
-    for (b, c, s), (wb, wc, ws) in [(got, want), (want, got)]:
-        match = (
-            (c[:, None] == wc[None])
-            & ((b[:, None] - wb[None]).abs().amax(2) < 1e-3)
-            & ((s[:, None] - ws[None]).abs() < 1e-5)
-        )
-        found = match.any(dim=1).float().mean()
+    for a, b in [(got, want), (want, got)]:
+        found = _matched_fraction(a, b, box_tol=1e-3, score_tol=1e-5)
         assert found >= 0.9, f"only {found:.0%} of the detections have a match"
+
+
+def _matched_fraction(got, want, box_tol, score_tol):
+    """The fraction of ``got``'s detections ``(boxes, classes, scores)`` with one in ``want``
+    of their class, box within ``box_tol`` and score within ``score_tol``."""
+    (b, c, s), (wb, wc, ws) = got, want
+    match = (
+        (c[:, None] == wc[None])
+        & ((b[:, None] - wb[None]).abs().amax(2) < box_tol)
+        & ((s[:, None] - ws[None]).abs() < score_tol)
+    )
+    return float(match.any(dim=1).float().mean())
 
 
 def test_onnx_network_then_postprocessing_gives_the_eager_detections(exported):
@@ -201,13 +208,11 @@ def test_onnx_network_then_postprocessing_gives_the_eager_detections(exported):
             # swap places or the last place: same scores, each box found among eager's.
             det = detections_from_head_outputs(model, outputs, size)
             assert len(det) == len(eager) > 10
-            same_class = det.pred_classes[:, None] == eager.pred_classes[None, :]
-            box_diff = (
-                (det.pred_boxes.tensor[:, None] - eager.pred_boxes.tensor[None]).abs().amax(2)
-            )
-            score_diff = (det.scores[:, None] - eager.scores[None]).abs()
-            match = same_class & (box_diff < 1e-2) & (score_diff < 1e-4)
-            found = match.any(dim=1).float().mean()
+            found = _matched_fraction(
+                (det.pred_boxes.tensor, det.pred_classes, det.scores),
+                (eager.pred_boxes.tensor, eager.pred_classes, eager.scores),
+                box_tol=1e-2, score_tol=1e-4,
+            )  # fmt: skip
             assert found >= 0.9, f"only {found:.0%} of the ONNX detections match the eager ones"
 
 

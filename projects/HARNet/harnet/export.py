@@ -310,8 +310,6 @@ def export_program(
     (129 px for P3-P7; the program checks it). ``image`` (``Tensor[3, H, W]`` in that
     range) is the example.
     """
-    if model.training:
-        raise ValueError("export_program: the model must be in eval mode (model.eval())")
     program = _export_dynamic(ExportableDetector(model), image, max_size, "export_program")
     torch.export.save(program, path)
     return program
@@ -335,8 +333,6 @@ def export_onnx(
     Returns:
         torch.onnx.ONNXProgram: the exported program (already saved).
     """
-    if model.training:
-        raise ValueError("export_onnx: the model must be in eval mode (model.eval())")
     if opset_version < 19:
         raise ValueError(
             f"export_onnx: HARNet's deformable convolution needs ONNX opset >= 19, got "
